@@ -1,0 +1,23 @@
+"""Token mixers (nn.Module) with one interface, and the registry that builds them by name."""
+
+from linmix.layers.attention import AttentionConfig, CausalSelfAttention
+from linmix.layers.k2 import K2Config, K2Mixer
+from linmix.layers.kbase import BaseKernel
+from linmix.layers.mlp import MLP
+from linmix.layers.norms import RMSNorm, make_norm
+from linmix.layers.registry import MIXERS, build_mixer, mixer_config, register_mixer
+
+__all__ = [
+    "MIXERS",
+    "MLP",
+    "AttentionConfig",
+    "BaseKernel",
+    "CausalSelfAttention",
+    "K2Config",
+    "K2Mixer",
+    "RMSNorm",
+    "build_mixer",
+    "make_norm",
+    "mixer_config",
+    "register_mixer",
+]

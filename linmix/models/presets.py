@@ -1,0 +1,115 @@
+"""Named, complete, versioned configurations: the model and its training recipe.
+
+The paper presets follow spec/k_operators.md sections 4.2, 4.3 and 4.5; their parameter counts
+match the spec to the digit (tests/test_presets.py).
+"""
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+from linmix.models.kstack import KStackConfig
+from linmix.models.lm import LMConfig
+
+# Training recipes (keys of linmix.train.TrainConfig).
+KOPS_TS_TRAIN = dict(
+    lr=1e-2, lr_floor=3.5e-4, warmup_steps=2000, max_steps=3500, batch_size=64, weight_decay=0.02,
+    betas=(0.8, 0.999), optimizer_mode="simple", eval_interval=250,
+)
+KOPS_WT2_TRAIN = dict(
+    lr=1e-2, lr_floor=1e-4, warmup_steps=3000, max_steps=25000, batch_size=32, weight_decay=0.02,
+    betas=(0.8, 0.999), optimizer_mode="grouped", eval_interval=250,
+)
+NANOGPT_TS_TRAIN = dict(
+    lr=1e-3, lr_floor=1e-4, warmup_steps=100, max_steps=5000, batch_size=64, weight_decay=0.1,
+    betas=(0.9, 0.99), optimizer_mode="simple", eval_interval=250,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model config plus its training recipe and corpus."""
+
+    name: str
+    description: str
+    model_kind: str
+    model: dict
+    train: dict = field(default_factory=dict)
+    corpus: str = "tinyshakespeare-char"
+
+    def model_config(self, **overrides):
+        """The model config dataclass with `overrides` applied (unknown fields raise ValueError)."""
+        config_cls = MODEL_CONFIGS[self.model_kind]
+        known = {f.name for f in fields(config_cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"preset {self.name!r} has no model fields {unknown}; known: {sorted(known)}")
+        return config_cls(**{**self.model, **overrides})
+
+
+MODEL_CONFIGS: dict[str, Callable] = {"kstack": KStackConfig, "transformer": LMConfig, "lm": LMConfig}
+
+_KOPS_TS_V2 = dict(
+    vocab_size=65, d_model=128, n_k2=6, rank=32, context_length=256, kbase="shared",
+    gamma_min=0.15, gamma_max=0.995, gamma_init="v2", alpha_cap=0.95,
+    refine_steps_train=0, refine_steps_eval=0, head="gelu", head_mult=1,
+    dropout_emb=0.08, dropout_mlp=0.10, dropout_resid=0.05, dropout_head=0.15, decay_backend="mask",
+)
+
+_PRESET_LIST = [
+    Preset(
+        "kops-ts-v1",
+        "K-Operators paper 1, Tiny Shakespeare char: per-layer dense Kbase, gamma in (0.85, 1.0), 1 refinement step",
+        "kstack",
+        {**_KOPS_TS_V2, "kbase": "per_layer", "gamma_min": 0.85, "gamma_max": 1.0, "gamma_init": "v1",
+         "alpha_cap": 0.8, "refine_steps_train": 1, "refine_steps_eval": 1},
+        KOPS_TS_TRAIN,
+    ),
+    Preset(
+        "kops-ts-v2",
+        "K-Operators paper 2, Tiny Shakespeare char: shared dense Kbase, gamma in [0.15, 0.995], no refinement",
+        "kstack",
+        _KOPS_TS_V2,
+        KOPS_TS_TRAIN,
+    ),
+    Preset(
+        "kops-ts-v2-nokbase",
+        "kops-ts-v2 with the Kbase path and its gates removed (decay path only)",
+        "kstack",
+        {**_KOPS_TS_V2, "kbase": "none"},
+        KOPS_TS_TRAIN,
+    ),
+    Preset(
+        "kops-wt2-v2",
+        "K-Operators paper 2, WikiText-2 SentencePiece-8192: e64/d256/W512, shared Kbase, adaptive softmax",
+        "kstack",
+        {**_KOPS_TS_V2, "vocab_size": 8192, "embed_dim": 64, "d_model": 256, "context_length": 512,
+         "head": "adaptive", "adaptive_cutoffs": (1024, 4096), "adaptive_div": 4.0,
+         "dropout_emb": 0.16, "dropout_mlp": 0.2, "dropout_resid": 0.1, "dropout_head": 0.3},
+        KOPS_WT2_TRAIN,
+        corpus="wikitext2-sp8192",
+    ),
+    Preset(
+        "nanogpt-ts",
+        "nanoGPT shakespeare_char baseline: 6 layers, 6 heads, 384 wide, block 256, no biases, tied",
+        "transformer",
+        dict(vocab_size=65, mixer="attention", d_model=384, n_layers=6, context_length=256,
+             mixer_kwargs={"n_heads": 6, "bias": False, "dropout": 0.2}, mlp_ratio=4, norm="layernorm",
+             bias=False, dropout=0.2, position_embedding=True, tie_embeddings=True),
+        NANOGPT_TS_TRAIN,
+    ),
+]
+
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; unknown names raise KeyError listing the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_overrides(preset: Preset, **model_overrides) -> Preset:
+    """A copy of `preset` whose model config has `model_overrides` applied (validated)."""
+    preset.model_config(**model_overrides)
+    return replace(preset, model={**preset.model, **model_overrides})
