@@ -1,0 +1,257 @@
+"""The `linmix` command: train, eval, sample and presets.
+
+Run `linmix COMMAND --help` for the flags of each command. Usage errors (an unknown preset, a bad
+flag or value) print a message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line; reported with exit code 2."""
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(part) for part in text.split(",") if part]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from error
+
+    return parse
+
+
+def _load_corpus(preset, data_path: str | None):
+    from linmix.data import load_char_corpus
+
+    if preset.corpus != "tinyshakespeare-char":
+        raise UsageError(
+            f"preset {preset.name!r} trains on {preset.corpus!r}, which `linmix train` cannot load in this "
+            "version (only the Tiny Shakespeare character corpus is supported)"
+        )
+    return load_char_corpus(data_path)
+
+
+def cmd_presets(args) -> int:
+    """Print every preset with its parameter count."""
+    from linmix.models import PRESETS, build
+
+    rows = []
+    for preset in PRESETS.values():
+        model = build(preset.name)
+        rows.append({"name": preset.name, "params": model.num_parameters(), "corpus": preset.corpus,
+                     "description": preset.description})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'preset':<{width}}  {'params':>11}  description")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['params']:>11,}  {r['description']}")
+    return 0
+
+
+def _train_config(args, preset, out_dir: Path):
+    from linmix.train import TrainConfig
+
+    values = dict(preset.train)
+    flag_fields = {
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "lr_floor": args.lr_floor,
+        "warmup_steps": args.warmup_steps, "eval_interval": args.eval_interval,
+        "eval_batch_size": args.eval_batch_size, "eval_random_iters": args.eval_random_iters,
+        "context_length": args.context_length, "seed": args.seed, "device": args.device,
+        "log_interval": args.log_interval, "eval_protocols": args.eval_protocols,
+    }
+    values.update({k: v for k, v in flag_fields.items() if v is not None})
+    if args.max_steps is not None and args.warmup_steps is None:
+        values["warmup_steps"] = min(values["warmup_steps"], args.max_steps)
+    values.update(compile=args.compile, out_dir=str(out_dir))
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args) -> int:
+    """Train a preset; print the best validation perplexity."""
+    import torch
+
+    from linmix.models import MODEL_CLASSES, get_preset, model_spec, with_overrides
+    from linmix.train import Trainer
+
+    try:
+        preset = get_preset(args.preset)
+    except KeyError as error:
+        raise UsageError(error.args[0]) from error
+    try:
+        preset = with_overrides(preset, **_parse_overrides(args.set))
+        out_dir = Path(args.out or f"runs/{preset.name}-seed{args.seed or preset.train.get('seed', 42)}")
+        config = _train_config(args, preset, out_dir)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    corpus = _load_corpus(preset, args.data)
+    torch.manual_seed(config.seed)
+    model = MODEL_CLASSES[preset.model_kind](preset.model_config(vocab_size=corpus.vocab_size))
+    meta = {"preset": preset.name, "model": model_spec(model), "vocab": corpus.vocab}
+    print(f"preset {preset.name}: {model.num_parameters():,} parameters, device {config.device}, out {out_dir}")
+    try:
+        trainer = Trainer(model, corpus.train, corpus.val, config, checkpoint_meta=meta, resume=args.resume,
+                          stop_after=args.stop_after, progress=not args.no_progress)
+    except (FileExistsError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    summary = trainer.fit()
+    protocols = ", ".join(
+        f"{name}: {best['ppl']:.4f} (step {best['step']})" for name, best in summary["best"].items()
+    )
+    print(f"best val PPL  {protocols}")
+    speed = summary.get("tokens_per_s_steady") or summary.get("tokens_per_s_mean")
+    print(f"tokens/s {speed or 0:.0f}   train time {summary['train_time_s']:.1f} s   steps {summary['step']}")
+    return 0
+
+
+def _load_model(ckpt_path: str, device: str):
+    from linmix.models import build_from_spec
+    from linmix.train import load_checkpoint
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UsageError(f"--ckpt {path} does not exist")
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    meta = checkpoint.get("meta", {})
+    if "model" not in meta:
+        raise UsageError(f"{path} was not written by `linmix train` (no model description in its meta)")
+    model = build_from_spec(meta["model"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint, meta
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a checkpoint on the validation split under both protocols."""
+    import torch
+
+    from linmix.data import load_char_corpus
+    from linmix.train import evaluate_full, evaluate_random
+
+    model, checkpoint, meta = _load_model(args.ckpt, args.device)
+    corpus = load_char_corpus(args.data)
+    if corpus.vocab != meta.get("vocab"):
+        raise UsageError(f"the corpus at {corpus.source} has another vocabulary than the checkpoint")
+    window = int(model.config.context_length)
+    results = {"ckpt": str(args.ckpt), "step": checkpoint.get("step"), "params": model.num_parameters()}
+    if "full" in args.protocols:
+        full = evaluate_full(model, corpus.val, window, args.batch_size)
+        results.update(val_loss_full=full["loss"], val_ppl_full=full["ppl"], tokens_full=full["tokens"])
+    if "random" in args.protocols:
+        generator = torch.Generator().manual_seed(args.seed)
+        rand = evaluate_random(model, corpus.val, window, args.batch_size, args.random_iters, generator)
+        results.update(val_loss_random=rand["loss"], val_ppl_random=rand["ppl"])
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    """Generate text from a checkpoint."""
+    import torch
+
+    from linmix.models import generate
+
+    model, _, meta = _load_model(args.ckpt, args.device)
+    vocab = meta["vocab"]
+    index = {char: i for i, char in enumerate(vocab)}
+    unknown = sorted(set(args.prompt) - index.keys())
+    if not args.prompt or unknown:
+        raise UsageError(f"--prompt must be non-empty and use the model's characters; unknown: {unknown}")
+    prompt = torch.tensor([[index[c] for c in args.prompt]], device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    print("".join(vocab[i] for i in out[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `linmix` command."""
+    parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    presets = sub.add_parser("presets", help="list presets with their parameter counts")
+    presets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    presets.set_defaults(run=cmd_presets)
+
+    train = sub.add_parser("train", help="train a preset")
+    train.add_argument("--preset", required=True, help="preset name (see `linmix presets`)")
+    train.add_argument("--out", help="run folder (default runs/PRESET-seedS)")
+    train.add_argument("--data", help="corpus file or folder (else $LINMIX_DATA_DIR, else the download cache)")
+    train.add_argument("--device", help="cpu or cuda[:N]")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--context-length", type=int, help="training window T (default: the model's)")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--lr-floor", type=float)
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--eval-interval", type=int)
+    train.add_argument("--eval-batch-size", type=int)
+    train.add_argument("--eval-random-iters", type=int)
+    train.add_argument("--eval-protocols", type=_csv(str), help="comma list of full,random")
+    train.add_argument("--log-interval", type=int)
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a model config field, e.g. --set decay_backend=chunk")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
+    evaluate.add_argument("--ckpt", required=True)
+    evaluate.add_argument("--data")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--protocols", type=_csv(str), default=["full", "random"])
+    evaluate.add_argument("--random-iters", type=int, default=200)
+    evaluate.add_argument("--seed", type=int, default=1337)
+    evaluate.set_defaults(run=cmd_eval)
+
+    sample = sub.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--ckpt", required=True)
+    sample.add_argument("--prompt", default="\n")
+    sample.add_argument("--tokens", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu")
+    sample.set_defaults(run=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `linmix` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"linmix {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

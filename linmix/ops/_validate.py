@@ -1,0 +1,103 @@
+"""Argument checks shared by the functional ops.
+
+Every check raises ``ValueError`` (wrong shape, value or option) or ``TypeError`` (wrong type or
+dtype) with a message that names the argument, what it got and what was expected.
+"""
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+
+import torch
+
+
+def shape_str(tensor: torch.Tensor) -> str:
+    """Format a tensor's shape as ``[2, 7, 3]`` for error messages."""
+    return "[" + ", ".join(str(n) for n in tensor.shape) + "]"
+
+
+def check_tensor(name: str, value: object) -> None:
+    """Raise TypeError unless ``value`` is a tensor with a floating dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+
+
+def check_ndim(name: str, tensor: torch.Tensor, ndims: tuple[int, ...], layout: str) -> None:
+    """Raise ValueError unless ``tensor`` has one of ``ndims`` dimensions.
+
+    Args:
+        name: argument name used in the message.
+        tensor: the argument.
+        ndims: accepted numbers of dimensions.
+        layout: the expected layout in words, e.g. ``"[B, T, H, K]"``.
+    """
+    if tensor.dim() not in ndims:
+        raise ValueError(f"{name} must be {layout}, got shape {shape_str(tensor)}")
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
+    """Raise ValueError unless ``tensor.shape == expected``; ``layout`` names the dimensions."""
+    if tuple(tensor.shape) != tuple(expected):
+        want = "[" + ", ".join(str(n) for n in expected) + "]"
+        raise ValueError(f"{name} must have shape {layout} = {want}, got {shape_str(tensor)}")
+
+
+def check_same_dtype(reference: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor]) -> None:
+    """Raise TypeError unless every ``(name, tensor)`` in ``others`` has the reference's dtype."""
+    ref_name, ref = reference
+    for name, tensor in others:
+        if tensor.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def check_same_device(reference: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor]) -> None:
+    """Raise ValueError unless every ``(name, tensor)`` in ``others`` is on the reference's device."""
+    ref_name, ref = reference
+    for name, tensor in others:
+        if tensor.device != ref.device:
+            raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def check_finite_number(name: str, value: object) -> None:
+    """Raise TypeError unless ``value`` is a real Python number, ValueError unless it is finite."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_choice(name: str, value: str, choices: Mapping | tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``, listing the valid names."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"unknown {name} {value!r}; valid names are {valid}")
+
+
+def check_log_decay(name: str, log_decay: torch.Tensor, tol: float = 1e-6) -> None:
+    """Raise ValueError unless every entry of a log-space decay is finite and ``<= tol``.
+
+    The check reads the tensor's values, so it is skipped while torch.compile traces and for
+    tensors on the meta device.
+
+    Args:
+        name: argument name used in the message.
+        log_decay: natural log of a decay in (0, 1].
+        tol: slack above 0 that rounding may produce.
+    """
+    if torch.compiler.is_compiling() or log_decay.is_meta or log_decay.numel() == 0:
+        return
+    lo, hi = torch.aminmax(log_decay.detach())
+    lo, hi = lo.item(), hi.item()
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"{name} contains NaN")
+    if hi > tol:
+        raise ValueError(f"{name} is the log of a decay and must be <= 0, got a maximum of {hi:.3g}")
+    if lo == -math.inf:
+        raise ValueError(f"{name} must be finite, got -inf; clamp full resets to a large negative value such as -30")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,120 @@
+"""Decayed (gated linear) attention with a per-key-channel decay.
+
+``S_t = diag(gamma_t) S_{t-1} + k_t v_t^T`` and ``o_t = scale * S_t^T q_t``: fla's ``chunk_gla`` with
+``g = log_gamma``, and the K-Operators K2 decay path (one head, K = r, V = d, scale 1).
+"""
+
+import torch
+
+from linmix.ops._validate import (
+    check_choice,
+    check_finite_number,
+    check_log_decay,
+    check_ndim,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    shape_str,
+)
+from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
+from linmix.ops.decayed_attention.mask import mask_decayed_attention
+from linmix.ops.decayed_attention.naive import naive_decayed_attention
+
+# name -> function(q, k, v, log_gamma, scale, initial_state, output_final_state) -> (o, state)
+BACKENDS = {
+    "naive": naive_decayed_attention,
+    "mask": mask_decayed_attention,
+    "chunk": chunk_decayed_attention,
+}
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    """The fused kernel on CUDA where one is registered, the chunked form elsewhere."""
+    return "triton" if q.is_cuda and "triton" in BACKENDS else "chunk"
+
+
+def _validate(q, k, v, log_gamma, scale, initial_state, backend) -> None:
+    """Check the arguments of ``decayed_attention``; raise ValueError/TypeError naming the culprit."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_gamma", log_gamma)):
+        check_tensor(name, x)
+    check_ndim("q", q, (4,), "[B, T, H, K]")
+    check_ndim("k", k, (4,), "[B, T, H, K]")
+    check_ndim("v", v, (4,), "[B, T, H, V]")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V] like q, got {shape_str(v)}")
+    if T == 0:
+        raise ValueError(f"q has sequence length T=0 (shape {shape_str(q)}); need at least one position")
+    check_same_dtype(("q", q), ("k", k), ("v", v))
+    check_same_device(("q", q), ("k", k), ("v", v), ("log_gamma", log_gamma))
+    if log_gamma.shape not in ((H, K), (B, T, H, K)):
+        raise ValueError(
+            f"log_gamma must have shape [H, K] = [{H}, {K}] (constant) or [B, T, H, K] = [{B}, {T}, {H}, {K}] "
+            f"(per token), got {shape_str(log_gamma)}"
+        )
+    check_log_decay("log_gamma", log_gamma)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state)
+        check_same_device(("q", q), ("initial_state", initial_state))
+        check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    check_finite_number("scale", scale)
+    check_choice("backend", backend, (*BACKENDS, "auto"))
+
+
+def decayed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal linear attention whose state decays per key channel.
+
+    ``S_t = diag(exp(log_gamma_t)) S_{t-1} + k_t v_t^T`` with ``S_0 = initial_state`` (zeros if None),
+    and ``o_t = scale * S_t^T q_t``: the current position is included. fp16/bf16 inputs are
+    computed in float32, float64 inputs in float64.
+
+    Args:
+        q: queries, ``[B, T, H, K]``.
+        k: keys, ``[B, T, H, K]``, same dtype and device as ``q``.
+        v: values, ``[B, T, H, V]``, same dtype and device as ``q``.
+        log_gamma: natural log of the decay, ``<= 0`` and finite: ``[H, K]`` for a decay constant
+            in time, or ``[B, T, H, K]`` for one per token.
+        scale: factor applied to every output (fla's GLA default would be ``K ** -0.5``).
+        initial_state: ``[B, H, K, V]`` state before the first position, or None.
+        output_final_state: whether to return the state after the last position.
+        backend: ``"naive"`` (token loop), ``"mask"`` (quadratic), ``"chunk"`` (chunked) or
+            ``"auto"`` (a fused kernel on CUDA when registered, else ``"chunk"``).
+
+    Returns:
+        ``o``: ``[B, T, H, V]`` in ``v``'s dtype.
+        ``final_state``: ``[B, H, K, V]`` in float32 (float64 for float64 inputs), or None
+        unless ``output_final_state``.
+    """
+    _validate(q, k, v, log_gamma, scale, initial_state, backend)
+    if backend == "auto":
+        backend = _auto_backend(q)
+    dtype = compute_dtype(q.dtype)
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+    o, final_state = BACKENDS[backend](
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        log_gamma.to(dtype),
+        float(scale),
+        initial_state,
+        output_final_state,
+    )
+    return o.to(v.dtype), final_state
+
+
+__all__ = ["BACKENDS", "decayed_attention"]

@@ -1,0 +1,38 @@
+"""Training loop, evaluation protocols, checkpoints and the metrics log."""
+
+from linmix.train.checkpoint import (
+    atomic_write,
+    capture_rng_states,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+    seed_global_rngs,
+)
+from linmix.train.config import FIELDS_FREE_ON_RESUME, TrainConfig, run_changing_differences
+from linmix.train.evaluate import autocast_for, evaluate_full, evaluate_random
+from linmix.train.metrics import MetricsLog, read_metrics, truncate_metrics, write_summary
+from linmix.train.schedule import lr_multiplier
+from linmix.train.trainer import Trainer, derive_seed, model_config_dict
+
+__all__ = [
+    "FIELDS_FREE_ON_RESUME",
+    "MetricsLog",
+    "TrainConfig",
+    "Trainer",
+    "atomic_write",
+    "autocast_for",
+    "capture_rng_states",
+    "derive_seed",
+    "evaluate_full",
+    "evaluate_random",
+    "load_checkpoint",
+    "lr_multiplier",
+    "model_config_dict",
+    "read_metrics",
+    "restore_rng_states",
+    "run_changing_differences",
+    "save_checkpoint",
+    "seed_global_rngs",
+    "truncate_metrics",
+    "write_summary",
+]

@@ -1,0 +1,90 @@
+"""The `linmix` command end to end on a tiny model: train, resume, eval, sample, presets, errors."""
+
+import json
+
+import pytest
+
+from _paths import SHARED_DATA_DIR
+from linmix.cli import main
+from linmix.train import read_metrics
+
+TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32"]
+
+
+@pytest.fixture(autouse=True)
+def shared_data(monkeypatch):
+    monkeypatch.setenv("LINMIX_DATA_DIR", str(SHARED_DATA_DIR))
+
+
+def train(out, *extra):
+    args = ["train", "--preset", "kops-ts-v2", *TINY, "--batch-size", "8", "--eval-interval", "20",
+            "--eval-batch-size", "256", "--eval-random-iters", "2", "--log-interval", "5",
+            "--no-progress", "--out", str(out), *extra]
+    return main(args)
+
+
+def test_train_eval_sample_end_to_end(tmp_path, capsys):
+    assert train(tmp_path / "run", "--max-steps", "60", "--warmup-steps", "10", "--lr", "1e-2") == 0
+    out = capsys.readouterr().out
+    assert "best val PPL" in out
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # the loss falls
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    assert evals[-1]["val_ppl_full"] < evals[0]["val_ppl_full"]
+
+    assert main(["eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--batch-size", "256",
+                 "--random-iters", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert result["val_ppl_full"] == pytest.approx(summary["best"]["full"]["ppl"], rel=1e-6)
+
+    assert main(["sample", "--ckpt", str(tmp_path / "run" / "best.pt"), "--prompt", "ROMEO:", "--tokens", "40"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) >= 40
+
+
+def test_cli_resume_matches_uninterrupted(tmp_path):
+    common = ["--max-steps", "30", "--warmup-steps", "5", "--eval-interval", "10"]
+    assert train(tmp_path / "full", *common) == 0
+    assert train(tmp_path / "split", *common, "--stop-after", "13") == 0
+    assert train(tmp_path / "split", *common, "--resume") == 0
+
+    def stable(path):
+        keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "eval_time_s")}
+        return [keep(r) for r in read_metrics(path / "metrics.jsonl")]
+
+    assert stable(tmp_path / "split") == stable(tmp_path / "full")
+
+
+def test_presets_lists_counts(capsys):
+    assert main(["presets", "--json"]) == 0
+    rows = {r["name"]: r["params"] for r in json.loads(capsys.readouterr().out)}
+    assert rows["kops-ts-v2"] == 810_189 and rows["nanogpt-ts"] == 10_745_088
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "kops-ts-v9"], "unknown preset"),
+    (["train", "--preset", "kops-ts-v2", "--set", "rank"], "KEY=VALUE"),
+    (["train", "--preset", "kops-ts-v2", "--set", "colour=red"], "no model fields"),
+    (["train", "--preset", "kops-ts-v2", "--batch-size", "0"], "batch_size"),
+    (["train", "--preset", "kops-wt2-v2"], "wikitext2"),
+    (["sample", "--ckpt", "/nonexistent/best.pt"], "does not exist"),
+])
+def test_usage_errors_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "kops-ts-v2", "--max-stepz", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    assert train(tmp_path / "run", "--max-steps", "2", "--warmup-steps", "1") == 0
+    assert train(tmp_path / "run", "--max-steps", "2", "--warmup-steps", "1") == 2
+    assert "--resume" in capsys.readouterr().err
