@@ -185,3 +185,35 @@ def test_bad_configs_are_rejected():
         LMConfig(vocab_size=10, mixer="nope")
     with pytest.raises(ValueError, match="n_heads"):
         build("nanogpt-ts", mixer_kwargs={"n_heads": 5})
+
+
+def test_diagnostics_report_learned_dynamics_and_eval_shares():
+    model = small_model("kops-refine-2")
+    idx = random_tokens(model, 2, 30)
+    empty = model.diagnostics()
+    assert empty["kbase_share"] == [None, None] and empty["refine_delta"] is None
+    model(idx)
+    diag = model.diagnostics()
+    assert len(diag["gamma"]) == 2 and len(diag["gamma"][0]) == 8
+    assert all(0.85 < g < 1.0 for layer in diag["gamma"] for g in layer)
+    assert abs(diag["eta"] - 0.3) < 1e-6
+    assert all(0.0 < s < 1.0 for s in diag["kbase_share"])
+    assert len(diag["refine_delta"]) == 2 and all(d > 0 for d in diag["refine_delta"])
+    assert diag["kbase_lag_profile"][0][0] > diag["kbase_lag_profile"][0][5]  # the exponential init
+    assert model.diagnostics()["kbase_share"] == [None, None]  # read and reset
+    model.train()
+    model(idx)
+    assert model.diagnostics()["kbase_share"] == [None, None]  # training forwards are not measured
+
+
+def test_kbase_share_is_the_norm_ratio_of_the_two_paths():
+    model = small_model("kops-ts-v2")
+    idx = random_tokens(model, 2, 30)
+    with torch.no_grad():
+        h, _ = model.k1_in(model.embed_tokens(idx))
+        block = model.k2_blocks[0]
+        base, decay, _ = block.mixer.paths(block.mixer_norm(h))
+        model.diagnostics()
+        model(idx)
+    expected = base.norm() / (base.norm() + decay.norm())
+    assert model.diagnostics()["kbase_share"][0] == pytest.approx(expected.item(), rel=1e-6)  # float32 sums

@@ -106,6 +106,9 @@ class K2Mixer(nn.Module):
         self.decay_logits = nn.Parameter(initial_decay_logits(config))  # theta [r]
         self.alpha_logit = nn.Parameter(torch.zeros(()))
         self.out_proj = nn.Linear(d, d)
+        # Sums of squared Frobenius norms of (base path, decay path, their sum) over evaluation
+        # forwards, read and reset by `path_shares`.
+        self.register_buffer("eval_path_sq_norms", torch.zeros(3), persistent=False)
 
     @property
     def window(self) -> float:
@@ -197,7 +200,23 @@ class K2Mixer(nn.Module):
         """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
         base, decay, new_state = self.paths(x, state)
         mixed = decay if base is None else base + decay
+        if not self.training and base is not None:
+            with torch.no_grad():
+                norms = torch.stack([base.float().square().sum(), decay.float().square().sum(), mixed.float().square().sum()])
+                self.eval_path_sq_norms.add_(norms)
         return self.out_proj(mixed), new_state
+
+    def path_shares(self) -> dict[str, float] | None:
+        """Kbase norm share over the evaluation forwards since the last call, then reset.
+
+        Returns `{"kbase_share": |gKx| / (|gKx| + |aAx|), "kbase_to_mix": |gKx| / |m|}` with
+        Frobenius norms summed over all evaluated tokens, or None without a kernel or data.
+        """
+        base_sq, decay_sq, mixed_sq = self.eval_path_sq_norms.sqrt().tolist()
+        self.eval_path_sq_norms.zero_()
+        if self.kernel is None or mixed_sq == 0.0:
+            return None
+        return {"kbase_share": base_sq / (base_sq + decay_sq), "kbase_to_mix": base_sq / mixed_sq}
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Decode one token: x_t [B, d] -> (y_t [B, d], state)."""

@@ -125,6 +125,10 @@ class KStackLM(DecodingMixin, nn.Module):
         self.norm = RMSNorm(d)
         self.head = self._head()
         self.apply(init_linear_and_embedding)
+        # Per refinement step: summed relative loop deltas |F(h) - h| / |h| and the number of
+        # evaluation forwards, read and reset by `diagnostics`.
+        steps = max(config.refine_steps_eval, 1)
+        self.register_buffer("eval_refine_deltas", torch.zeros(steps + 1), persistent=False)
 
     def _shared_kernel(self) -> BaseKernel | None:
         cfg = self.config
@@ -194,6 +198,12 @@ class KStackLM(DecodingMixin, nn.Module):
         new_states = None if states is None else []
         for i in range(steps):
             f, state = self.stack(h, None if states is None else states[i])
+            if not self.training and i < self.eval_refine_deltas.numel() - 1:
+                with torch.no_grad():
+                    delta = (f - h).float().norm() / (h.float().norm() + 1e-6)
+                    self.eval_refine_deltas[i].add_(delta)
+                    if i == 0:
+                        self.eval_refine_deltas[-1].add_(1.0)
             h = h + eta * (f - h)
             if new_states is not None:
                 new_states.append(state)
@@ -204,6 +214,31 @@ class KStackLM(DecodingMixin, nn.Module):
         self.check_tokens(idx, targets)
         h, _ = self.hidden(self.embed_tokens(idx))
         return self.head(self.norm(h), targets)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict:
+        """Learned dynamics for the metrics log (spec section 5), per K2 layer in order.
+
+        gamma (r decays per layer), gate sigma(beta) (None without Kbase), alpha, eta, the Kbase
+        norm shares and the refinement loop deltas measured over the evaluation forwards since the
+        last call (None when there were none), and the Kbase lag profile for lags 0..32.
+        """
+        mixers = [block.mixer for block in self.k2_blocks]
+        shares = [m.path_shares() for m in mixers]
+        gates = [m.gate() for m in mixers]
+        runs = self.eval_refine_deltas[-1].item()
+        deltas = (self.eval_refine_deltas[:-1] / runs).tolist() if runs else None
+        self.eval_refine_deltas.zero_()
+        return {
+            "gamma": [m.gamma().tolist() for m in mixers],
+            "gate": [None if g is None else g.item() for g in gates],
+            "alpha": [m.alpha().item() for m in mixers],
+            "eta": self.eta().item(),
+            "kbase_share": [None if s is None else s["kbase_share"] for s in shares],
+            "kbase_to_mix": [None if s is None else s["kbase_to_mix"] for s in shares],
+            "refine_delta": deltas if self.config.refine_steps_eval else None,
+            "kbase_lag_profile": [None if m.kernel is None else m.kernel.lag_profile(32).tolist() for m in mixers],
+        }
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> list:
         """Empty decoding state for the current mode's number of refinement steps."""
