@@ -186,6 +186,56 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """Train a preset once per seed (resuming unfinished runs, skipping finished ones), then
+    write the sweep summary; exit 1 if a run failed."""
+    from linmix.models import get_preset, with_overrides
+    from linmix.sweep import aggregate_lines, run_sweep, summarize_sweep
+
+    out_dir = Path(args.out)
+    failed = []
+    if not args.summarize_only:
+        if not args.preset or not args.seeds:
+            raise UsageError("--preset and --seeds are needed unless --summarize-only is given")
+        if args.parallel < 1:
+            raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
+        train_args = build_parser().parse_args(["train", "--preset", args.preset, *args.train_flags])
+        try:
+            with_overrides(get_preset(args.preset), **_parse_overrides(train_args.set))
+            failed = run_sweep(args.preset, args.seeds, out_dir, args.train_flags, args.parallel)
+        except KeyError as error:
+            raise UsageError(error.args[0]) from error
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+    try:
+        summary = summarize_sweep(out_dir)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'summary.md'}")
+    for line in aggregate_lines(summary):
+        print(line)
+    if summary["unfinished"]:
+        print(f"unfinished (excluded): {', '.join(summary['unfinished'])}")
+    if failed:
+        print(f"linmix sweep: runs failed: seeds {', '.join(map(str, failed))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """Draw learning curves and learned-dynamics figures of runs and sweeps as PNG files."""
+    from linmix.diagnostics import load_group, write_figures
+
+    try:
+        groups = [load_group(path) for path in args.runs]
+        reference = load_group(args.reference) if args.reference else None
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    for path in write_figures(groups, args.out, reference):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `linmix` command."""
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
@@ -239,6 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
     sample.set_defaults(run=cmd_sample)
+
+    from linmix.sweep import PassThroughFlag
+
+    sweep = sub.add_parser("sweep", help="train a preset once per seed, resumably, and summarise the runs")
+    sweep.add_argument("--preset", help="preset name (needed unless --summarize-only)")
+    sweep.add_argument("--seeds", type=_csv(int), help="comma list of seeds, e.g. 42,69,420")
+    sweep.add_argument("--out", required=True, help="sweep folder; the run of seed S goes to OUT/seed-S")
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    sweep.add_argument("--summarize-only", action="store_true",
+                       help="train nothing; write OUT/summary.json and OUT/summary.md from the runs there")
+    passed_on = sweep.add_argument_group("train flags", "given unchanged to every run (see `linmix train --help`)")
+    for action in train._actions:  # every train flag except those the sweep sets per run
+        if action.option_strings and action.dest not in ("help", "preset", "out", "seed", "resume", "no_progress"):
+            takes_value = action.nargs != 0
+            passed_on.add_argument(*action.option_strings, action=PassThroughFlag, dest="train_flags",
+                                   nargs=None if takes_value else 0, help=action.help,
+                                   metavar=(action.metavar or action.dest.upper()) if takes_value else None)
+    sweep.set_defaults(run=cmd_sweep, train_flags=[])
+
+    plot = sub.add_parser("plot", help="draw learning curves and learned-dynamics figures of runs and sweeps")
+    plot.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+                      help="run folders (with metrics.jsonl) or sweep folders (with seed-*/metrics.jsonl)")
+    plot.add_argument("--out", default="docs/figures", help="folder for the PNG files (default docs/figures)")
+    plot.add_argument("--reference", metavar="DIR", help="a run or sweep drawn dashed as the reference curve")
+    plot.set_defaults(run=cmd_plot)
     return parser
 
 
