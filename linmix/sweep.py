@@ -98,12 +98,22 @@ def train_command(preset: str, seed: int, folder: Path, train_flags: Sequence[st
             "--out", str(folder), "--resume", "--no-progress", *train_flags]
 
 
-def _child_environment() -> dict[str, str]:
-    """This process's environment, with the folder holding `linmix` first on PYTHONPATH."""
+def _child_environment(parallel: int) -> dict[str, str]:
+    """This process's environment for a run: the folder holding `linmix` first on PYTHONPATH, and,
+    unless OMP_NUM_THREADS is set, the CPU cores split between the parallel runs (CPU runs that
+    each use every core slow each other down many times over)."""
     package_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, _usable_cores() // parallel))
     return env
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -142,7 +152,8 @@ def run_sweep(
 ) -> list[int]:
     """Train `preset` once per seed, at most `parallel` runs at a time, skipping finished runs.
 
-    Each run is `linmix train ... --resume` in its own subprocess, logging to `seed-S/train.log`.
+    Each run is `linmix train ... --resume` in its own subprocess, appending its output to
+    `seed-S/train.log`; parallel runs split the CPU cores unless OMP_NUM_THREADS is set.
     If the sweep is interrupted (Ctrl-C or SIGTERM) it stops its runs; run it again to continue.
 
     Args:
@@ -178,7 +189,7 @@ def run_sweep(
         while pending or running:
             while pending and len(running) < parallel:
                 seed = pending.pop(0)
-                running[seed] = _start_run(preset, seed, sweep_dir, train_flags, echo)
+                running[seed] = _start_run(preset, seed, sweep_dir, train_flags, parallel, echo)
             time.sleep(POLL_INTERVAL_S)
             for seed, process in list(running.items()):
                 if process.poll() is not None:
@@ -199,7 +210,7 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _start_run(preset: str, seed: int, sweep_dir: Path, train_flags: Sequence[str],
+def _start_run(preset: str, seed: int, sweep_dir: Path, train_flags: Sequence[str], parallel: int,
                echo: Callable[[str], None]) -> subprocess.Popen:
     folder = run_folder(sweep_dir, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +218,7 @@ def _start_run(preset: str, seed: int, sweep_dir: Path, train_flags: Sequence[st
     with open(folder / RUN_LOG, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_environment())
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_environment(parallel))
     echo(f"seed {seed}: started, log {folder / RUN_LOG}")
     return process
 

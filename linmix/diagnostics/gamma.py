@@ -84,7 +84,7 @@ def gamma_trajectory_figure(group: RunGroup) -> Figure | None:
         return None
     steps, gammas = run.series("gamma")
     gammas = as_array(gammas)  # [S, layers, r]
-    figure, (channels, bands) = new_figure(2, title=f"{group.label} ({run.name}): decay trajectories")
+    figure, (channels, bands) = new_figure(2, title=f"{group.run_label(run)}: decay trajectories")
     layer0 = gammas[:, 0, :]
     order = np.argsort(layer0[-1])
     shades = colormaps["viridis"](np.linspace(0.0, 0.9, len(order)))
@@ -96,7 +96,7 @@ def gamma_trajectory_figure(group: RunGroup) -> Figure | None:
         bands.plot(steps, memory_length(gammas[:, layer].mean(axis=1)), color=colour, label=f"layer {layer}")
         bands.fill_between(steps, memory_length(gammas[:, layer].min(axis=1)),
                            memory_length(gammas[:, layer].max(axis=1)), color=colour, alpha=0.15, linewidth=0)
-    bands.set_title("per layer: τ of the mean γ (line) and of min-max γ (band)")
+    bands.set_title("per layer: mean γ (line), min-max γ (band)")
     for axes in (channels, bands):
         _mark_reference_gammas(axes, vertical=False)
         axes.set_yscale("log")

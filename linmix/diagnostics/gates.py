@@ -26,7 +26,7 @@ def kbase_gate_share_figure(group: RunGroup) -> Figure | None:
     run = next((run for run in group.runs if _has_gate(run.series("gate")[1])), None)
     if run is None:
         return None
-    figure, panels = new_figure(len(PANELS), title=f"{group.label} ({run.name}): Kbase use per K2 layer")
+    figure, panels = new_figure(len(PANELS), title=f"{group.run_label(run)}: Kbase use per K2 layer")
     for axes, (key, title) in zip(panels, PANELS):
         steps, values = run.series(key)
         values = as_array(values)  # [S, layers]
@@ -34,6 +34,7 @@ def kbase_gate_share_figure(group: RunGroup) -> Figure | None:
             axes.plot(steps, values[:, layer], marker=".", label=f"layer {layer}")
         axes.set_title(title)
         axes.set_xlabel("step")
+        axes.ticklabel_format(axis="y", useOffset=False)
         axes.grid(True, alpha=0.3)
     panels[0].legend(fontsize="small", ncols=2)
     return figure

@@ -101,9 +101,9 @@ def kbase_structure_figure(group: RunGroup) -> Figure | None:
         window = min(window, mixers[0].kernel.size)
     kernels = _distinct_kernels(mixers)
     figure, (corner, full, profile, rows) = new_figure(
-        4, columns=2, title=f"{group.label} ({run.name}): learned Kbase at step {step} (best.pt)"
+        4, columns=2, title=f"{group.run_label(run)}: learned Kbase at step {step} (best.pt)"
     )
-    gate = float(mixers[0].gate())
+    gate = float(mixers[0].gate().detach())
     whose = "shared kernel, layer 0's gate" if kernels[0][0].startswith("shared") else "layer 0"
     gated = gate * kernel_matrix(mixers[0].kernel, window)
     size = min(HEATMAP_CORNER, window)

@@ -73,7 +73,7 @@ def write_figures(
             figures.append((f"{stem}_{file_slug(group.label)}.png", lambda build=build, group=group: build(group)))
     refined = [group for group in groups if group.has("refine_delta")]
     if len(refined) > 1:
-        labelled = [(f"{group.label}/{run.name}", run) for group in refined for run in group.runs]
+        labelled = [(group.run_label(run), run) for group in refined for run in group.runs]
         figures.append(("eta_refinement_comparison.png",
                         lambda: eta_refinement_figure(labelled, "Equilibrium refinement across runs")))
     written = []

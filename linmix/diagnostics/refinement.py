@@ -35,6 +35,7 @@ def eta_refinement_figure(labelled_runs: Sequence[tuple[str, Run]], title: str) 
                             label=label + suffix)
     eta_axes.set_title("refinement step size η")
     eta_axes.set_ylabel("η")
+    eta_axes.ticklabel_format(axis="y", useOffset=False)
     delta_axes.set_title("evaluation loop delta |F(h) - h| / |h|")
     delta_axes.set_yscale("log")
     for axes in (eta_axes, delta_axes):

@@ -61,6 +61,10 @@ class RunGroup:
         """Whether some run of the group logged `key`."""
         return any(run.has(key) for run in self.runs)
 
+    def run_label(self, run: Run) -> str:
+        """The group's label, followed by the run's name in brackets when the group holds several runs."""
+        return self.label if len(self.runs) == 1 else f"{self.label} ({run.name})"
+
 
 def _seed_order(folder: Path) -> tuple[float, str]:
     number = folder.name.removeprefix("seed-")

@@ -64,7 +64,7 @@ def chunk_decayed_attention(
     steps = log_gamma[:, :, :, None].masked_fill(~below, 0.0)  # [Bg, N, C, C, H, K]
     log_d = steps.cumsum(dim=2).masked_fill(~causal, -torch.inf)  # [Bg, N, C, C, H, K]
     decay = torch.exp(log_d)
-    scores = torch.einsum("bnihk,bnjhk,bnijhk->bnijh", q, k, decay)  # [B, N, C, C, H]
+    scores = (q[:, :, :, None] * k[:, :, None] * decay).sum(dim=-1)  # [B, N, C, C, H]
     o = torch.einsum("bnijh,bnjhv->bnihv", scores, v)  # [B, N, C, H, V]
 
     # Across chunks: each chunk's own contribution to the state, then a scan over chunks.

@@ -1,0 +1,97 @@
+"""`linmix sweep` end to end on a tiny model: parallel runs, the summary, skipping finished runs,
+resuming a run cut short by --stop-after, and reporting a failing run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from _paths import SHARED_DATA_DIR
+from linmix.cli import main
+from linmix.train import read_metrics
+
+TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32",
+        "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--eval-interval", "6",
+        "--eval-batch-size", "256", "--eval-random-iters", "2"]
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
+
+
+@pytest.fixture(autouse=True)
+def shared_data(monkeypatch):
+    monkeypatch.setenv("LINMIX_DATA_DIR", str(SHARED_DATA_DIR))  # inherited by the runs
+
+
+def sweep(out, seeds, *extra):
+    return main(["sweep", "--preset", "kops-ts-v2", "--seeds", seeds, "--out", str(out), *TINY, *extra])
+
+
+def stable_records(run_dir):
+    """The metrics log without the fields that measure time."""
+    def keep(record):
+        return {k: v for k, v in record.items() if k not in TIMING_FIELDS and not k.endswith("_time_s")}
+
+    return [keep(record) for record in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def read_summary(sweep_dir):
+    return json.loads((sweep_dir / "summary.json").read_text())
+
+
+def test_sweep_summary_skip_and_resume(tmp_path, capsys):
+    straight = tmp_path / "straight"
+    assert sweep(straight, "1,2", "--parallel", "2") == 0
+    out = capsys.readouterr().out
+    assert "seed 1: exit 0" in out and "seed 2: exit 0" in out
+    assert (straight / "seed-1" / "train.log").read_text().count("best val PPL") == 1
+    summary = read_summary(straight)
+    md = (straight / "summary.md").read_text()
+    assert [row["seed"] for row in summary["runs"]] == [1, 2] and summary["unfinished"] == []
+    assert summary["params"] == summary["runs"][0]["params"] > 0
+    for protocol in ("full", "random"):
+        ppl = np.array([row["best"][protocol]["ppl"] for row in summary["runs"]])
+        loss = np.array([row["best"][protocol]["loss"] for row in summary["runs"]])
+        stats = summary["aggregate"][protocol]
+        assert stats["n"] == 2
+        assert stats["ppl_mean"] == pytest.approx(ppl.mean())
+        assert stats["ppl_std"] == pytest.approx(ppl.std(ddof=1))
+        assert (stats["ppl_min"], stats["ppl_max"]) == (ppl.min(), ppl.max())
+        assert stats["loss_mean"] == pytest.approx(loss.mean())
+    assert f"full-pass best val PPL {summary['aggregate']['full']['ppl_mean']:.2f} ±" in md
+    assert f"({summary['params']:,} params)" in md
+
+    logged = (straight / "seed-1" / "metrics.jsonl").read_text()
+    assert sweep(straight, "1,2", "--parallel", "2") == 0
+    out = capsys.readouterr().out
+    assert "seed 1: skipped" in out and "seed 2: skipped" in out
+    assert (straight / "seed-1" / "metrics.jsonl").read_text() == logged
+
+    sliced = tmp_path / "sliced"
+    assert sweep(sliced, "1", "--stop-after", "6") == 0
+    assert "unfinished at step 6/12" in capsys.readouterr().out
+    shutil.copytree(straight / "seed-2", sliced / "seed-2")
+    assert main(["sweep", "--summarize-only", "--out", str(sliced)]) == 0
+    summary = read_summary(sliced)
+    assert summary["unfinished"] == ["seed-1"]
+    assert summary["aggregate"]["full"]["n"] == 1 and summary["aggregate"]["full"]["ppl_std"] is None
+    assert "Unfinished, excluded from the aggregate: seed-1" in (sliced / "summary.md").read_text()
+
+    assert sweep(sliced, "1") == 0
+    assert stable_records(sliced / "seed-1") == stable_records(straight / "seed-1")
+    assert read_summary(sliced)["unfinished"] == []
+
+
+def test_failing_run_is_reported(tmp_path, capsys):
+    code = sweep(tmp_path / "bad", "1,2", "--parallel", "2", "--context-length", "64")
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "seed 1: FAILED with exit code 2" in captured.out and "seed 2: FAILED" in captured.out
+    assert "context_length 64 exceeds" in captured.out  # the log tail
+    assert read_summary(tmp_path / "bad")["unfinished"] == ["seed-1", "seed-2"]
+
+
+def test_sweep_usage_errors(tmp_path, capsys):
+    assert main(["sweep", "--preset", "no-such-preset", "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert main(["sweep", "--preset", "kops-ts-v2", "--out", str(tmp_path)]) == 2
+    assert main(["sweep", "--summarize-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
