@@ -10,6 +10,7 @@ perplexity of every seed and its mean, sample std, min and max over the finished
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -148,7 +149,7 @@ def run_sweep(
     sweep_dir: str | os.PathLike,
     train_flags: Sequence[str] = (),
     parallel: int = 1,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> list[int]:
     """Train `preset` once per seed, at most `parallel` runs at a time, skipping finished runs.
 
@@ -162,7 +163,7 @@ def run_sweep(
         sweep_dir: the sweep folder (created if needed).
         train_flags: train flags given unchanged to every run (not --seed, --out or --resume).
         parallel: the most runs at a time.
-        echo: prints one progress line.
+        echo: prints one progress line (default: print to stdout at once).
 
     Returns:
         The seeds whose run exited with a non-zero code.
@@ -172,6 +173,7 @@ def run_sweep(
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
+    echo = echo or functools.partial(print, flush=True)
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _record_sweep(sweep_dir, preset, seeds, train_flags)

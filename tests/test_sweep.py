@@ -18,8 +18,11 @@ TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
 
 
 @pytest.fixture(autouse=True)
-def shared_data(monkeypatch):
-    monkeypatch.setenv("LINMIX_DATA_DIR", str(SHARED_DATA_DIR))  # inherited by the runs
+def run_environment(monkeypatch):
+    """Inherited by the runs: the shared data, and one thread each, so that runs made alone and
+    runs made in parallel sum floating-point numbers in the same order."""
+    monkeypatch.setenv("LINMIX_DATA_DIR", str(SHARED_DATA_DIR))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def sweep(out, seeds, *extra):

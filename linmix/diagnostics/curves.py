@@ -44,7 +44,7 @@ def seed_band(group: RunGroup, key: str) -> tuple[np.ndarray, np.ndarray, np.nda
     """
     by_step: dict[int, list[float]] = defaultdict(list)
     for run in group.runs:
-        for step, value in zip(*run.series(key)):
+        for step, value in zip(*run.series(key), strict=True):
             by_step[step].append(value)
     steps = sorted(by_step)
     mean = [statistics.fmean(by_step[s]) for s in steps]

@@ -55,7 +55,7 @@ def gamma_spectrum_figure(group: RunGroup) -> Figure | None:
     at = f"step {last_steps[0]}" if len(last_steps) == 1 else "the last evaluation of each run"
     figure, panels = new_figure(layers, title=f"{group.label}: decay spectrum at {at}")
     for layer, axes in enumerate(panels):
-        for row, (name, _, gammas) in enumerate(finals):
+        for row, (_, _, gammas) in enumerate(finals):
             if layer < len(gammas):
                 taus = np.sort(memory_length(gammas[layer]))
                 axes.scatter(taus, np.full_like(taus, row), marker="|", s=200, color=f"C{row}")
@@ -88,7 +88,7 @@ def gamma_trajectory_figure(group: RunGroup) -> Figure | None:
     layer0 = gammas[:, 0, :]
     order = np.argsort(layer0[-1])
     shades = colormaps["viridis"](np.linspace(0.0, 0.9, len(order)))
-    for shade, channel in zip(shades, order):
+    for shade, channel in zip(shades, order, strict=True):
         channels.plot(steps, memory_length(layer0[:, channel]), linewidth=0.8, color=shade)
     channels.set_title(f"K2 layer 0: {layer0.shape[1]} channels (colour: final rank)")
     for layer in range(gammas.shape[1]):

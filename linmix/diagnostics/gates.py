@@ -27,7 +27,7 @@ def kbase_gate_share_figure(group: RunGroup) -> Figure | None:
     if run is None:
         return None
     figure, panels = new_figure(len(PANELS), title=f"{group.run_label(run)}: Kbase use per K2 layer")
-    for axes, (key, title) in zip(panels, PANELS):
+    for axes, (key, title) in zip(panels, PANELS, strict=True):
         steps, values = run.series(key)
         values = as_array(values)  # [S, layers]
         for layer in range(values.shape[1] if values.ndim == 2 else 0):

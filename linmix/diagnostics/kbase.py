@@ -117,7 +117,8 @@ def kbase_structure_figure(group: RunGroup) -> Figure | None:
         profile.plot(lags, kernel.lag_profile(MAX_LAG).numpy(), marker=".", color=colour, label=label)
         rows.plot(kernel_matrix(kernel, window).sum(dim=1).numpy(), color=colour, label=label)
         if index == 0:
-            profile.plot(lags, initial.lag_profile(MAX_LAG).numpy(), "k--", label=f"init exp(-{decay:g} lag), normalised")
+            profile.plot(lags, initial.lag_profile(MAX_LAG).numpy(), "k--",
+                         label=f"init exp(-{decay:g} lag), normalised")
             rows.plot(kernel_matrix(initial, window).sum(dim=1).numpy(), "k--", label="init")
     profile.axhline(0.0, color="grey", linewidth=0.8)
     profile.set_title("lag profile mean_t K[t, t-lag] (without the gate)", fontsize="medium")
