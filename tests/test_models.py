@@ -217,3 +217,50 @@ def test_kbase_share_is_the_norm_ratio_of_the_two_paths():
         model(idx)
     expected = base.norm() / (base.norm() + decay.norm())
     assert model.diagnostics()["kbase_share"][0] == pytest.approx(expected.item(), rel=1e-6)  # float32 sums
+
+
+class _LargestSquareTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest pair of dimensions >= `length` seen in any op's output."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+        self.square_outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and sum(size >= self.length for size in t.shape) >= 2:
+                self.square_outputs.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("preset, quadratic", [("kops-ts-linear", False), ("kops-ts-v2", True)])
+def test_linear_preset_never_builds_a_t_by_t_tensor(preset, quadratic):
+    length = 333  # longer than every width of the model, so only a T x T tensor has two such dims
+    model = build(preset, context_length=length, decay_backend="chunk" if not quadratic else "mask")
+    idx = random_tokens(model, 2, length)
+    recorder = _LargestSquareTensor(length)
+    with recorder:
+        _, loss = model(idx, idx)
+        loss.backward()
+    assert bool(recorder.square_outputs) == quadratic, recorder.square_outputs[:3]
+
+
+def test_linear_preset_decodes_with_constant_memory():
+    torch.manual_seed(0)
+    model = build("kops-ts-linear", d_model=24, rank=8, n_k2=2).double().eval()
+    assert model.window == float("inf")
+    state = model.init_state(1, "cpu", torch.float64)
+    token = torch.zeros(1, dtype=torch.long)
+
+    def state_numel(s):
+        return sum(t.numel() for app in s for layer in app if layer for t in layer.values() if isinstance(t, torch.Tensor))
+
+    sizes = []
+    for step in range(600):  # past the training context of 256
+        logits, state = model.step(token, state)
+        token = logits.argmax(dim=-1)
+        if step in (10, 599):
+            sizes.append(state_numel(state))
+    assert sizes[0] == sizes[1]

@@ -10,6 +10,8 @@ EXPECTED_TOTALS = {
     "kops-ts-v2-nokbase": 744_647,
     "kops-wt2-v2": 4_081_357,
     "nanogpt-ts": 10_745_088,
+    "kops-ts-linear": 810_189 - 256 * 256 + 16,  # the dense 256 x 256 Kbase becomes 16 taps
+    "kops-ts-linear-long": 810_189 - 256 * 256 + 16,  # no parameter depends on the context length
 }
 
 

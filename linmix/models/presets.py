@@ -79,6 +79,20 @@ _PRESET_LIST = [
         KOPS_TS_TRAIN,
     ),
     Preset(
+        "kops-ts-linear",
+        "Linear-time kops-ts-v2: 16-tap Toeplitz Kbase shared across layers, chunked decay path",
+        "kstack",
+        {**_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "decay_backend": "auto"},
+        KOPS_TS_TRAIN,
+    ),
+    Preset(
+        "kops-ts-linear-long",
+        "kops-ts-linear trained at context 1024 (16 x 1024 tokens per step, as kops-ts-v2's 64 x 256)",
+        "kstack",
+        {**_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "decay_backend": "auto", "context_length": 1024},
+        {**KOPS_TS_TRAIN, "batch_size": 16},
+    ),
+    Preset(
         "kops-wt2-v2",
         "K-Operators paper 2, WikiText-2 SentencePiece-8192: e64/d256/W512, shared Kbase, adaptive softmax",
         "kstack",
