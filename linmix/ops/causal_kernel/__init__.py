@@ -5,6 +5,8 @@ top-left ``T x T`` lower triangle is used; and ``toeplitz``, a relative-position
 shared by all channels or ``[H, L]`` with one filter per head.
 """
 
+import importlib.util
+
 import torch
 
 from linmix.ops._validate import (
@@ -26,7 +28,12 @@ BACKENDS = {
     "dense": {"naive": naive_dense, "matmul": matmul_dense},
     "toeplitz": {"naive": naive_toeplitz, "matmul": matmul_toeplitz, "conv": conv_toeplitz},
 }
+if importlib.util.find_spec("triton") is not None:  # the fused kernel needs the optional triton package
+    from linmix.ops.causal_kernel.triton import triton_toeplitz
+
+    BACKENDS["toeplitz"]["triton"] = triton_toeplitz
 AUTO_BACKEND = {"dense": "matmul", "toeplitz": "conv"}
+NATIVE_DTYPE_BACKENDS = frozenset({"triton"})  # accumulate in float32 themselves: no upcast copy
 ALL_BACKENDS = tuple(dict.fromkeys(name for table in BACKENDS.values() for name in table))
 FORMS = ("auto", "dense", "toeplitz")
 
@@ -87,7 +94,8 @@ def causal_kernel(
             kernel is dense, any other 2-D kernel is toeplitz per head. Pass the form explicitly
             for an ``[H, L]`` kernel with ``H == L``.
         backend: ``"naive"`` (token loop), ``"matmul"`` (``[T, T]`` matrix), ``"conv"`` (toeplitz
-            only, ``O(T L)``) or ``"auto"`` (matmul for dense, conv for toeplitz).
+            only, ``O(T L)``), ``"triton"`` (toeplitz only, fused kernel; needs triton) or
+            ``"auto"`` (matmul for dense; for toeplitz triton on CUDA where installed, else conv).
 
     Returns:
         ``y`` with the shape and dtype of ``x``.
@@ -102,10 +110,10 @@ def causal_kernel(
     form = _resolve_form(kernel, form)
     _validate(x, kernel, form, backend)
     if backend == "auto":
-        backend = AUTO_BACKEND[form]
+        backend = "triton" if x.is_cuda and "triton" in BACKENDS[form] else AUTO_BACKEND[form]
     fn = BACKENDS[form][backend]
 
-    dtype = compute_dtype(x.dtype)
+    dtype = x.dtype if backend in NATIVE_DTYPE_BACKENDS else compute_dtype(x.dtype)
     B, T = x.shape[:2]
     xc, kc = x.to(dtype), kernel.to(dtype)
     if form == "dense":
