@@ -236,6 +236,44 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Benchmark an op's backends against baselines measured in the same run; print a table,
+    optionally write JSON and a plot; exit 1 if a backend failed the correctness gate."""
+    import torch
+
+    from linmix.bench import format_op_list, format_report, plan_benchmark, plot_times, run_benchmark, write_json
+
+    if args.list:
+        print(format_op_list(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))))
+        return 0
+    if not args.op:
+        raise UsageError("--op is needed (see `linmix bench --list`)")
+    try:
+        plan = plan_benchmark(
+            args.op, backends=args.backends, modes=args.modes, shapes=args.shapes, dtype=args.dtype,
+            device=args.device, options={"decay": args.decay} if args.decay else None, warmup_ms=args.warmup_ms,
+            rep_ms=args.rep_ms, peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+    def progress(row):
+        done = f"{row['median_ms']:.4f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        print(f"  {row['backend']} {row['mode']} {row['label']}: {done}", file=sys.stderr, flush=True)
+
+    report = run_benchmark(plan, progress=progress)
+    print(format_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.plot:
+        print(f"wrote {plot_times(report, args.plot)}")
+    failed = sorted({row["backend"] for row in report["rows"] if row["status"] == "gate failed"})
+    if failed:
+        print(f"linmix bench: the correctness gate failed for {', '.join(failed)} (not timed)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `linmix` command."""
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
@@ -314,6 +352,29 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="docs/figures", help="folder for the PNG files (default docs/figures)")
     plot.add_argument("--reference", metavar="DIR", help="a run or sweep drawn dashed as the reference curve")
     plot.set_defaults(run=cmd_plot)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark an op's backends against baselines (correctness-gated)",
+        description="Gate every backend against the op's float64 reference on a small shape, then time it on "
+                    "each shape and mode beside the baselines of the same run. Exits 1 if a backend fails the gate.",
+    )
+    bench.add_argument("--list", action="store_true", help="list the ops, their backends and shape sets")
+    bench.add_argument("--op", help="decayed_attention, k2_layer or causal_kernel")
+    bench.add_argument("--backends", type=_csv(str), help="comma list (default: the op's defaults, see --list)")
+    bench.add_argument("--modes", type=_csv(str), default=["fwd", "fwdbwd"], help="comma list of fwd,fwdbwd")
+    bench.add_argument("--shapes", default="fla",
+                       help="shape set (fla, tsweep, k2, small) or a JSON dict or list of dicts (default fla)")
+    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
+    bench.add_argument("--decay", choices=["constant", "per-token"],
+                       help="decayed_attention: constant [H, K] decays (default) or per-token log-sigmoid gates")
+    bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, gates, rows)")
+    bench.add_argument("--plot", metavar="OUT.png", help="draw time against T per backend (log-log)")
+    bench.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (default 25)")
+    bench.add_argument("--rep-ms", type=float, default=100.0, help="timed duration per measurement (default 100)")
+    bench.add_argument("--peak-tflops", type=float, help="compute roof (default: H100 dense peak of --dtype on CUDA)")
+    bench.add_argument("--peak-gbps", type=float, help="memory roof in GB/s (default: H100 HBM3, 3350, on CUDA)")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

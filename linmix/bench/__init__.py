@@ -1,0 +1,36 @@
+"""Benchmarks of the ops and layers: a registry of ops and backends, timers, a correctness-gated
+sweep runner that prints a table and writes JSON, and a time-versus-length plot."""
+
+from linmix.bench.plot import plot_times
+from linmix.bench.registry import OPS, Backend, Cost, Op, get_op, mode_cost, register_backend, shape_label
+from linmix.bench.runner import (
+    Plan,
+    format_op_list,
+    format_report,
+    gate_backend,
+    plan_benchmark,
+    run_benchmark,
+    write_json,
+)
+from linmix.bench.timing import Timing, measure
+
+__all__ = [
+    "OPS",
+    "Backend",
+    "Cost",
+    "Op",
+    "Plan",
+    "Timing",
+    "format_op_list",
+    "format_report",
+    "gate_backend",
+    "get_op",
+    "measure",
+    "mode_cost",
+    "plan_benchmark",
+    "plot_times",
+    "register_backend",
+    "run_benchmark",
+    "shape_label",
+    "write_json",
+]
