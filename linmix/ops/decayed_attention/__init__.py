@@ -4,8 +4,6 @@
 ``g = log_gamma``, and the K-Operators K2 decay path (one head, K = r, V = d, scale 1).
 """
 
-import importlib.util
-
 import torch
 
 from linmix.ops._validate import (
@@ -30,10 +28,6 @@ BACKENDS = {
     "mask": mask_decayed_attention,
     "chunk": chunk_decayed_attention,
 }
-if importlib.util.find_spec("triton") is not None:  # the fused kernels need the optional triton package
-    from linmix.ops.decayed_attention.triton import triton_decayed_attention
-
-    BACKENDS["triton"] = triton_decayed_attention
 
 
 def _auto_backend(q: torch.Tensor) -> str:
