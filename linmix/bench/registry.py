@@ -487,8 +487,9 @@ CAUSAL_KERNEL = Op(
         "conv": Backend(_causal_kernel_backend("conv")),
         "matmul": Backend(_causal_kernel_backend("matmul"), max_T=QUADRATIC_MAX_T, skip_reason="quadratic memory"),
         "naive": Backend(_causal_kernel_backend("naive"), max_T=TOKEN_LOOP_MAX_T, skip_reason="token-by-token loop"),
+        "triton": Backend(_causal_kernel_backend("triton"), needs_cuda=True),
     },
-    default_backends=("conv", "matmul"),
+    default_backends=("conv", "matmul", "triton"),
     reference="naive",
     build_inputs=build_causal_kernel_inputs,
     cost=causal_kernel_cost,
@@ -500,7 +501,7 @@ CAUSAL_KERNEL = Op(
         "small": [{"B": 2, "T": 64, "H": 2, "D": 16, "L": 16}, {"B": 1, "T": 130, "H": 2, "D": 16, "L": 16}],
     },
     gate_shape={"B": 1, "T": 257, "H": 2, "D": 24, "L": 16},
-    ratio_baselines=("matmul",),
+    ratio_baselines=("matmul", "conv"),
 )
 
 OPS: dict[str, Op] = {op.name: op for op in (DECAYED_ATTENTION, K2_LAYER, CAUSAL_KERNEL)}

@@ -4,6 +4,8 @@
 ``g = log_gamma``, and the K-Operators K2 decay path (one head, K = r, V = d, scale 1).
 """
 
+import importlib.util
+
 import torch
 
 from linmix.ops._validate import (
@@ -28,6 +30,11 @@ BACKENDS = {
     "mask": mask_decayed_attention,
     "chunk": chunk_decayed_attention,
 }
+if importlib.util.find_spec("triton") is not None:  # the fused kernels need the optional triton package
+    from linmix.ops.decayed_attention.triton import triton_decayed_attention
+
+    BACKENDS["triton"] = triton_decayed_attention
+NATIVE_DTYPE_BACKENDS = frozenset({"triton"})  # read 16-bit q/k/v themselves and sum in float32
 
 
 def _auto_backend(q: torch.Tensor) -> str:
@@ -103,12 +110,13 @@ def decayed_attention(
     if backend == "auto":
         backend = _auto_backend(q)
     dtype = compute_dtype(q.dtype)
+    io_dtype = q.dtype if backend in NATIVE_DTYPE_BACKENDS else dtype
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
     o, final_state = BACKENDS[backend](
-        q.to(dtype),
-        k.to(dtype),
-        v.to(dtype),
+        q.to(io_dtype),
+        k.to(io_dtype),
+        v.to(io_dtype),
         log_gamma.to(dtype),
         float(scale),
         initial_state,
