@@ -26,7 +26,7 @@ test: install
 
 demo: install
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/linmix train --preset kops-ts-v2 --set decay_backend=chunk --max-steps 300 --warmup-steps 50 \
+	$(VENV)/bin/linmix train --preset kops-ts-v2 --set decay_backend=chunk --max-steps 450 --warmup-steps 50 \
 		--batch-size 8 --eval-interval 150 --eval-protocols full --out $(DEMO_OUT)
 	$(VENV)/bin/linmix sample --ckpt $(DEMO_OUT)/best.pt --prompt "ROMEO:" --tokens 400 --top-k 20
 
