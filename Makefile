@@ -26,8 +26,8 @@ test: install
 
 demo: install
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/linmix train --preset kops-ts-v2 --set decay_backend=chunk --max-steps 450 --warmup-steps 50 \
-		--batch-size 8 --eval-interval 150 --eval-protocols full --out $(DEMO_OUT)
+	$(VENV)/bin/linmix train --preset kops-ts-v2 --set decay_backend=chunk --max-steps 350 --warmup-steps 50 \
+		--batch-size 8 --eval-interval 175 --eval-protocols full --out $(DEMO_OUT)
 	$(VENV)/bin/linmix sample --ckpt $(DEMO_OUT)/best.pt --prompt "ROMEO:" --tokens 400 --top-k 20
 
 clean:
