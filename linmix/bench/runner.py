@@ -9,6 +9,7 @@ in the same run ("x vs NAME" = the baseline's time over this backend's: above 1 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -416,12 +417,10 @@ def _git(*args: str) -> str | None:
 
 
 def _cpu_model() -> str | None:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or None
 
 

@@ -6,12 +6,12 @@ sums of ``dkernel`` together. ``linmix::toeplitz_fwd`` / ``linmix::toeplitz_bwd`
 implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 
-import contextlib
 import functools
 import importlib
-import os
 
 import torch
+
+from linmix.ops._triton import launch_device
 
 BLOCK_T = 32
 MAX_BLOCK_D = 128
@@ -29,15 +29,6 @@ def _blocks(T: int, D: int) -> tuple[int, int, int, int]:
     return BLOCK_T, BD, -(-T // BLOCK_T), -(-D // BD)
 
 
-def _on_device(x: torch.Tensor):
-    """Launch on x's GPU; on the CPU only under Triton's interpreter."""
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs CUDA tensors, got {x.device} (TRITON_INTERPRET=1 runs it on the CPU)")
-    return contextlib.nullcontext()
-
-
 @torch.library.custom_op("linmix::toeplitz_fwd", mutates_args=())
 def toeplitz_forward(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """y [B, T, H, D] (x's dtype) from x [B, T, H, D] and kernel [H, L] (float32)."""
@@ -46,7 +37,7 @@ def toeplitz_forward(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     BT, BD, NT, ND = _blocks(T, D)
-    with _on_device(x):
+    with launch_device(x):
         _kernels().toeplitz_fwd_kernel[(NT, ND, B * H)](x, kernel.contiguous(), y, T, H, D, L=L, BT=BT, BD=BD)
     return y
 
@@ -65,7 +56,7 @@ def toeplitz_backward(dy: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor) -
     dx = torch.empty_like(x)
     BT, BD, NT, ND = _blocks(T, D)
     partial = torch.empty(B, H, NT, ND, L, device=x.device, dtype=torch.float32)
-    with _on_device(x):
+    with launch_device(x):
         _kernels().toeplitz_bwd_kernel[(NT, ND, B * H)](
             x, kernel.contiguous(), dy, dx, partial, T, H, D, NT, ND, L=L, BT=BT, BD=BD
         )

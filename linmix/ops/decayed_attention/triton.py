@@ -8,12 +8,12 @@ states, runs the state gradient backwards (``chunk_dstates_kernel``) and then ``
 ``torch.compile(fullgraph=True)`` traces through them without a graph break.
 """
 
-import contextlib
 import functools
 import importlib
-import os
 
 import torch
+
+from linmix.ops._triton import launch_device
 
 from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
 
@@ -52,19 +52,6 @@ def _tile_size(n: int, block: int | None, largest: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact float32 products for float32 inputs, TF32 for 16-bit ones."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _on_device(x: torch.Tensor):
-    """Make ``x``'s GPU the current one while launching (Triton launches on the current device).
-
-    Raises:
-        ValueError: ``x`` is not on a CUDA device and Triton's interpreter is off.
-    """
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend 'triton' needs CUDA tensors, got {x.device} (TRITON_INTERPRET=1 runs it on the CPU)")
-    return contextlib.nullcontext()
 
 
 def _chunk_decay(log_gamma: torch.Tensor, B: int, T: int, H: int, K: int) -> tuple[torch.Tensor, bool]:
@@ -139,7 +126,7 @@ def decayed_attention_forward(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
     NT = _cdiv(T, CHUNK)
-    with _on_device(q):
+    with launch_device(q):
         decay, const = _chunk_decay(log_gamma, B, T, H, K)
         h, final_state = _chunk_states(k, v, decay, const, initial_state, BK, BV)
         o = torch.empty_like(v)
@@ -183,7 +170,7 @@ def decayed_attention_backward(
     NK, NV, NT = _cdiv(K, BK), _cdiv(V, BV), _cdiv(T, CHUNK)
     precision = _precision(q.dtype)
     kernels = _kernels()
-    with _on_device(q):
+    with launch_device(q):
         decay, const = _chunk_decay(log_gamma, B, T, H, K)
         h, _ = _chunk_states(k, v, decay, const, initial_state, BK, BV)
         dh = torch.empty_like(h)
