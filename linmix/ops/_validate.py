@@ -4,6 +4,7 @@ Every check raises ``ValueError`` (wrong shape, value or option) or ``TypeError`
 dtype) with a message that names the argument, what it got and what was expected.
 """
 
+import itertools
 import math
 from collections.abc import Mapping
 from numbers import Real
@@ -101,3 +102,45 @@ def check_log_decay(name: str, log_decay: torch.Tensor, tol: float = 1e-6) -> No
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in: float64 stays float64, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_cu_seqlens(name: str, cu_seqlens: object, packed: tuple[str, torch.Tensor]) -> None:
+    """Raise TypeError/ValueError unless ``cu_seqlens`` splits a packed ``[1, T, ...]`` tensor.
+
+    ``cu_seqlens`` holds the ``N + 1`` boundaries of ``N`` sequences packed along T (FlashAttention's
+    and fla's convention): 1-D, int32 or int64, on the packed tensor's device, starting at 0, ending
+    at T and strictly increasing (every sequence at least one position). The value checks read the
+    tensor, so they are skipped while torch.compile traces and for tensors on the meta device.
+
+    Args:
+        name: argument name used in the message.
+        cu_seqlens: the argument.
+        packed: ``(name, tensor)`` of the packed ``[1, T, ...]`` tensor whose T axis is split.
+    """
+    packed_name, x = packed
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D [N + 1] with N >= 1 sequences, got shape {shape_str(cu_seqlens)}")
+    check_same_device((packed_name, x), (name, cu_seqlens))
+    if x.shape[0] != 1:
+        raise ValueError(
+            f"{packed_name} must have batch size 1 when {name} is given (sequences are packed along T), "
+            f"got shape {shape_str(x)}"
+        )
+    if torch.compiler.is_compiling() or cu_seqlens.is_meta:
+        return
+    bounds = cu_seqlens.tolist()
+    T = x.shape[1]
+    if bounds[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+    if bounds[-1] != T:
+        raise ValueError(f"{name} must end at T = {T} (the length of {packed_name}), got {bounds[-1]}")
+    for n, (start, end) in enumerate(itertools.pairwise(bounds)):
+        if end <= start:
+            raise ValueError(
+                f"{name} must be strictly increasing (every sequence at least one position), "
+                f"got sequence {n} from {start} to {end}"
+            )

@@ -10,6 +10,7 @@ import torch
 
 from linmix.ops._validate import (
     check_choice,
+    check_cu_seqlens,
     check_finite_number,
     check_log_decay,
     check_ndim,
@@ -23,6 +24,7 @@ from linmix.ops._validate import (
 from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
 from linmix.ops.decayed_attention.mask import mask_decayed_attention
 from linmix.ops.decayed_attention.naive import naive_decayed_attention
+from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
 
 # name -> function(q, k, v, log_gamma, scale, initial_state, output_final_state) -> (o, state)
 BACKENDS = {
@@ -34,7 +36,13 @@ if importlib.util.find_spec("triton") is not None:  # the fused kernels need the
     from linmix.ops.decayed_attention.triton import triton_decayed_attention
 
     BACKENDS["triton"] = triton_decayed_attention
-NATIVE_DTYPE_BACKENDS = frozenset({"triton"})  # read 16-bit q/k/v themselves and sum in float32
+if importlib.util.find_spec("fla") is not None:  # flash-linear-attention, the optional fla package
+    from linmix.ops.decayed_attention.fla import fla_decayed_attention
+
+    BACKENDS["fla"] = fla_decayed_attention
+NATIVE_DTYPE_BACKENDS = frozenset({"triton", "fla"})  # read 16-bit q/k/v themselves and sum in float32
+# Backends that take ``cu_seqlens=`` themselves; the others run once per packed sequence.
+VARLEN_BACKENDS = frozenset({"fla"})
 
 
 def _auto_backend(q: torch.Tensor) -> str:
@@ -42,7 +50,7 @@ def _auto_backend(q: torch.Tensor) -> str:
     return "triton" if q.is_cuda and "triton" in BACKENDS else "chunk"
 
 
-def _validate(q, k, v, log_gamma, scale, initial_state, backend) -> None:
+def _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend) -> None:
     """Check the arguments of ``decayed_attention``; raise ValueError/TypeError naming the culprit."""
     for name, x in (("q", q), ("k", k), ("v", v), ("log_gamma", log_gamma)):
         check_tensor(name, x)
@@ -64,10 +72,16 @@ def _validate(q, k, v, log_gamma, scale, initial_state, backend) -> None:
             f"(per token), got {shape_str(log_gamma)}"
         )
     check_log_decay("log_gamma", log_gamma)
+    if cu_seqlens is not None:
+        check_cu_seqlens("cu_seqlens", cu_seqlens, ("q", q))
     if initial_state is not None:
         check_tensor("initial_state", initial_state)
         check_same_device(("q", q), ("initial_state", initial_state))
-        check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+        if cu_seqlens is None:
+            check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+        else:
+            N = cu_seqlens.shape[0] - 1
+            check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V] (N sequences in cu_seqlens)")
     check_finite_number("scale", scale)
     check_choice("backend", backend, (*BACKENDS, "auto"))
 
@@ -81,6 +95,7 @@ def decayed_attention(
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention whose state decays per key channel.
@@ -89,6 +104,10 @@ def decayed_attention(
     and ``o_t = scale * S_t^T q_t``: the current position is included. fp16/bf16 inputs are
     computed in float32, float64 inputs in float64.
 
+    With ``cu_seqlens`` (FlashAttention's and fla's convention) the batch holds ``N`` sequences
+    packed along T with ``B = 1``; each runs as if alone, its state starting from its row of
+    ``initial_state`` (zeros if None).
+
     Args:
         q: queries, ``[B, T, H, K]``.
         k: keys, ``[B, T, H, K]``, same dtype and device as ``q``.
@@ -96,33 +115,38 @@ def decayed_attention(
         log_gamma: natural log of the decay, ``<= 0`` and finite: ``[H, K]`` for a decay constant
             in time, or ``[B, T, H, K]`` for one per token.
         scale: factor applied to every output (fla's GLA default would be ``K ** -0.5``).
-        initial_state: ``[B, H, K, V]`` state before the first position, or None.
+        initial_state: ``[B, H, K, V]`` state before the first position (``[N, H, K, V]``, one
+            per sequence, with ``cu_seqlens``), or None.
         output_final_state: whether to return the state after the last position.
-        backend: ``"naive"`` (token loop), ``"mask"`` (quadratic), ``"chunk"`` (chunked) or
-            ``"auto"`` (a fused kernel on CUDA when registered, else ``"chunk"``).
+        cu_seqlens: ``[N + 1]`` int32 or int64 boundaries of ``N`` sequences packed along T, on
+            ``q``'s device: 0 first, T last, strictly increasing; requires ``B = 1``. None for a
+            plain batch.
+        backend: ``"naive"`` (token loop), ``"mask"`` (quadratic), ``"chunk"`` (chunked),
+            ``"triton"`` (fused kernels, where triton is installed), ``"fla"`` (fla's
+            ``chunk_gla`` on CUDA, where flash-linear-attention is installed) or ``"auto"``
+            (a fused kernel on CUDA when registered, else ``"chunk"``).
 
     Returns:
         ``o``: ``[B, T, H, V]`` in ``v``'s dtype.
-        ``final_state``: ``[B, H, K, V]`` in float32 (float64 for float64 inputs), or None
-        unless ``output_final_state``.
+        ``final_state``: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``) in float32
+        (float64 for float64 inputs), or None unless ``output_final_state``.
     """
-    _validate(q, k, v, log_gamma, scale, initial_state, backend)
+    _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend)
     if backend == "auto":
         backend = _auto_backend(q)
     dtype = compute_dtype(q.dtype)
     io_dtype = q.dtype if backend in NATIVE_DTYPE_BACKENDS else dtype
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
-    o, final_state = BACKENDS[backend](
-        q.to(io_dtype),
-        k.to(io_dtype),
-        v.to(io_dtype),
-        log_gamma.to(dtype),
-        float(scale),
-        initial_state,
-        output_final_state,
-    )
+    fn = BACKENDS[backend]
+    args = (q.to(io_dtype), k.to(io_dtype), v.to(io_dtype), log_gamma.to(dtype), float(scale), initial_state)
+    if cu_seqlens is None:
+        o, final_state = fn(*args, output_final_state)
+    elif backend in VARLEN_BACKENDS:
+        o, final_state = fn(*args, output_final_state, cu_seqlens=cu_seqlens)
+    else:
+        o, final_state = per_sequence_decayed_attention(fn, *args, output_final_state, cu_seqlens)
     return o.to(v.dtype), final_state
 
 
-__all__ = ["BACKENDS", "decayed_attention"]
+__all__ = ["BACKENDS", "VARLEN_BACKENDS", "decayed_attention"]
