@@ -274,6 +274,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_decode(args) -> int:
+    """Decode with each preset and the attention baseline step by step; print per-token latency and
+    state memory at each checkpoint, optionally write JSON and a plot."""
+    from linmix.bench import format_decode_report, plan_decode, plot_decode, run_decode, write_json
+
+    given = {"window": args.window, "prompt_tokens": args.prompt_tokens, "batch_size": args.batch_size,
+             "temperature": args.temperature}  # None: plan_decode's default
+    try:
+        plan = plan_decode(
+            args.presets, baseline=None if args.baseline == "none" else args.baseline, max_tokens=args.max_tokens,
+            checkpoints=args.checkpoints, dtype=args.dtype, device=args.device, prefill=args.prefill,
+            **{name: value for name, value in given.items() if value is not None},
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    report = run_decode(plan, progress=not args.no_progress)
+    print(format_decode_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.plot:
+        print(f"wrote {plot_decode(report, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `linmix` command."""
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
@@ -354,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=cmd_plot)
 
     bench = sub.add_parser(
-        "bench", help="benchmark an op's backends against baselines (correctness-gated)",
+        "bench", help="benchmark an op's backends against baselines (correctness-gated), or decoding",
         description="Gate every backend against the op's float64 reference on a small shape, then time it on "
-                    "each shape and mode beside the baselines of the same run. Exits 1 if a backend fails the gate.",
+                    "each shape and mode beside the baselines of the same run. Exits 1 if a backend fails the gate. "
+                    "`linmix bench decode` benchmarks step-by-step decoding instead (see its --help).",
     )
     bench.add_argument("--list", action="store_true", help="list the ops, their backends and shape sets")
     bench.add_argument("--op", help="decayed_attention, k2_layer or causal_kernel")
@@ -375,6 +400,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-tflops", type=float, help="compute roof (default: H100 dense peak of --dtype on CUDA)")
     bench.add_argument("--peak-gbps", type=float, help="memory roof in GB/s (default: H100 HBM3, 3350, on CUDA)")
     bench.set_defaults(run=cmd_bench)
+
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode}")
+    decode = bench_commands.add_parser(
+        "decode", help="per-token latency and decoding-state memory against generated tokens",
+        description="Prefill a short random prompt, then generate step by step with each preset and with an "
+                    "attention baseline (learned positions removed, growing KV cache); record the median ms/token "
+                    "of the steps before each checkpoint and the bytes of the decoding state.",
+    )
+    decode.add_argument("--presets", type=_csv(str), help="comma list of presets to decode (default kops-ts-linear)")
+    decode.add_argument("--baseline", default="nanogpt-ts",
+                        help="attention preset decoded beside them, or none (default nanogpt-ts)")
+    decode.add_argument("--max-tokens", type=int,
+                        help="tokens generated per model, the last checkpoint (default: the last of --checkpoints)")
+    decode.add_argument("--checkpoints", type=_csv(int),
+                        help="comma list of increasing token counts (default 1024,2048,...,65536 up to --max-tokens)")
+    decode.add_argument("--prefill", action="store_true",
+                        help="reach each checkpoint by prefilling the tokens before its window in chunks, decoding "
+                             "only the window step by step (same state and step cost, a far shorter run)")
+    decode.add_argument("--window", type=int,
+                        help="steps timed before each checkpoint (default 64, or the first checkpoint)")
+    decode.add_argument("--prompt-tokens", type=int, help="length of the random prompt (default 16)")
+    decode.add_argument("--batch-size", type=int, help="sequences decoded together (default 1)")
+    decode.add_argument("--temperature", type=float, help="0 for greedy tokens (default), else sampled")
+    decode.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    decode.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
+    decode.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, models, rows)")
+    decode.add_argument("--plot", metavar="OUT.png", help="draw ms/token and memory against generated tokens")
+    decode.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    decode.set_defaults(run=cmd_bench_decode)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Benchmarks of the ops and layers: a registry of ops and backends, timers, a correctness-gated
-sweep runner that prints a table and writes JSON, and a time-versus-length plot."""
+sweep runner that prints a table and writes JSON, and a time-versus-length plot; and a decoding
+benchmark of per-token latency and state memory against generated tokens."""
 
-from linmix.bench.plot import plot_times
+from linmix.bench.decode import format_decode_report, plan_decode, run_decode
+from linmix.bench.plot import plot_decode, plot_times
 from linmix.bench.registry import OPS, Backend, Cost, Op, get_op, mode_cost, register_backend, shape_label
 from linmix.bench.runner import (
     Plan,
@@ -21,6 +23,7 @@ __all__ = [
     "Op",
     "Plan",
     "Timing",
+    "format_decode_report",
     "format_op_list",
     "format_report",
     "gate_backend",
@@ -28,9 +31,12 @@ __all__ = [
     "measure",
     "mode_cost",
     "plan_benchmark",
+    "plan_decode",
+    "plot_decode",
     "plot_times",
     "register_backend",
     "run_benchmark",
+    "run_decode",
     "shape_label",
     "write_json",
 ]
