@@ -16,6 +16,7 @@ PROMPT = 4
 CPU_RUN = ["--checkpoints", ",".join(map(str, CHECKPOINTS)), "--window", "8", "--prompt-tokens", str(PROMPT),
            "--device", "cpu", "--dtype", "fp32", "--no-progress"]
 TINY_KSTACK = {"d_model": 16, "rank": 4, "n_k2": 1}
+KV_PAGE = 4  # the positions 20, 36 and 68 fill whole pages
 TINY_GPT = {"d_model": 16, "n_layers": 2, "mixer_kwargs": {"n_heads": 2, "bias": False}}
 
 
@@ -32,7 +33,10 @@ def one_thread():
 def cli_report(tmp_path_factory, one_thread):
     """The report and plot of `linmix bench decode` with kops-ts-linear against nanogpt-ts, 64 tokens."""
     out = tmp_path_factory.mktemp("decode")
-    code = main(["bench", "decode", *CPU_RUN, "--json", str(out / "decode.json"), "--plot", str(out / "decode.png")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "KV_PAGE", KV_PAGE)
+        code = main(["bench", "decode", *CPU_RUN, "--json", str(out / "decode.json"), "--plot",
+                     str(out / "decode.png")])
     assert code == 0
     return json.loads((out / "decode.json").read_text()), out / "decode.png"
 
@@ -74,10 +78,10 @@ def test_kops_state_is_constant_and_the_kv_cache_grows_linearly(cli_report):
 
     gpt = report["models"][1]["config"]
     attention = rows_of(report, "nanogpt-ts-nope")
-    for row in attention:  # keys and values of every layer, capacity the next power of 2 of the positions
-        capacity = 1 << (row["position"] - 1).bit_length()
-        assert row["state_bytes"] == 2 * gpt["n_layers"] * capacity * gpt["d_model"] * 4
-    assert [row["state_ratio"] for row in attention] == [n / CHECKPOINTS[0] for n in CHECKPOINTS]
+    for row in attention:  # keys and values of every layer and position
+        assert row["state_bytes"] == 2 * gpt["n_layers"] * row["position"] * gpt["d_model"] * 4
+    positions = [PROMPT + n for n in CHECKPOINTS]
+    assert [row["state_ratio"] for row in attention] == [p / positions[0] for p in positions]
 
 
 def test_plot_is_a_png(cli_report):
@@ -85,7 +89,8 @@ def test_plot_is_a_png(cli_report):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_growing_kv_cache_decodes_the_attention_forward():
+def test_growing_kv_cache_decodes_the_attention_forward(monkeypatch):
+    monkeypatch.setattr(decode, "KV_PAGE", KV_PAGE)  # the cache grows in both prefills and 3 steps
     torch.manual_seed(0)
     baseline = build_baseline("nanogpt-ts", 64, TINY_GPT).model.double().eval()
     idx = torch.randint(65, (2, 23))
@@ -98,7 +103,7 @@ def test_growing_kv_cache_decodes_the_attention_forward():
         out, state = baseline.step(idx[:, t], state)
         stepped.append(out[:, None])
     torch.testing.assert_close(torch.cat(stepped, dim=1), logits, rtol=1e-10, atol=1e-10)
-    assert state["blocks"][0]["keys"].shape[2] == 32
+    assert state["blocks"][0]["keys"].shape[2] == 24
 
 
 def test_sampled_batched_decoding_with_tiny_models():
@@ -115,6 +120,7 @@ def test_sampled_batched_decoding_with_tiny_models():
 
 def test_prefill_reaches_the_same_states(cli_report, monkeypatch):
     monkeypatch.setattr(decode, "PREFILL_CHUNK", 5)  # several prefill calls per checkpoint
+    monkeypatch.setattr(decode, "KV_PAGE", KV_PAGE)
     plan = plan_decode(max_tokens=64, checkpoints=CHECKPOINTS, window=8, prompt_tokens=PROMPT, dtype="fp32",
                        device="cpu", prefill=True)
     report = run_decode(plan)

@@ -13,8 +13,8 @@ The baseline, measured in the same run, is a softmax-attention transformer prese
 a KV cache. Its learned absolute positions are removed (no positional encoding at all, NoPE), so
 that it can decode past the preset's context length; the cost of a step does not depend on the
 weights. Its attention layers keep a growing KV cache (``GrowingKVAttention``): written in place
-and doubled when full, as serving engines do, rather than the mixer's own cache, which is
-preallocated to ``context_length`` and copied whole at every step.
+and grown a page at a time, rather than the mixer's own cache, which is preallocated to
+``context_length`` and copied whole at every step.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ DEFAULT_WINDOW = 64  # steps timed per checkpoint, ending at the checkpoint
 DEFAULT_PROMPT_TOKENS = 16
 DEFAULT_BASELINE = "nanogpt-ts"
 PREFILL_CHUNK = 2048  # tokens per prefill call when --prefill reaches the checkpoints
+KV_PAGE = 64  # the growing KV cache is allocated in multiples of this many positions
 # cuDNN attention builds an execution plan for every new key length, about 6 ms a call on an H100
 # (measured with torch 2.11), so the growing cache leaves it out.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -51,11 +52,11 @@ MIB = 2**20
 class GrowingKVAttention(CausalSelfAttention):
     """The attention mixer with a KV cache that grows with the sequence and has no length limit.
 
-    Keys and values are written in place into a ``[B, H, capacity, head_dim]`` buffer whose
-    capacity doubles when full (amortised O(1) copying per token), so a step reads the cached
-    positions once and the state holds at most twice the positions seen. Attention runs on the
-    flash, memory-efficient or math kernels (``SDPA_BACKENDS``). The state passed in is updated in
-    place: an earlier state does not stay valid after a later step.
+    Keys and values are written in place into a ``[B, H, capacity, head_dim]`` buffer that grows
+    by one page of ``KV_PAGE`` positions when full (the cache is copied then, once per page), so a
+    step reads the cached positions once and the state holds the positions seen rounded up to a
+    page. Attention runs on the flash, memory-efficient or math kernels (``SDPA_BACKENDS``). The
+    state passed in is updated in place: an earlier state does not stay valid after a later step.
     """
 
     @property
@@ -90,11 +91,11 @@ class GrowingKVAttention(CausalSelfAttention):
 
 
 def _reserve(cache: torch.Tensor, positions: int) -> torch.Tensor:
-    """``cache`` [B, H, capacity, hd], or a copy of it with room for ``positions`` (the next power of 2)."""
+    """``cache`` [B, H, capacity, hd], or a copy of it with room for ``positions`` (whole pages)."""
     capacity = cache.shape[2]
     if positions <= capacity:
         return cache
-    grown = cache.new_empty((*cache.shape[:2], max(2 * capacity, 1 << (positions - 1).bit_length()), cache.shape[3]))
+    grown = cache.new_empty((*cache.shape[:2], -(-positions // KV_PAGE) * KV_PAGE, cache.shape[3]))
     grown[:, :, :capacity] = cache
     return grown
 
@@ -193,8 +194,8 @@ def build_baseline(name: str, positions: int, overrides: dict | None = None) -> 
         growing = GrowingKVAttention(block.mixer.config)
         growing.load_state_dict(block.mixer.state_dict())
         block.mixer = growing
-    description = (f"{name} without learned positions (NoPE); KV cache written in place, capacity doubled when full"
-                   f" ({preset.description})")
+    description = (f"{name} without learned positions (NoPE); KV cache written in place, grown {KV_PAGE} positions "
+                   f"at a time ({preset.description})")
     return DecodeModel(f"{name}-nope", "baseline", name, model, description)
 
 
