@@ -1,7 +1,9 @@
 """decayed_attention's fla backend (flash-linear-attention's ``chunk_gla``) against the token loop.
 
 The comparisons need CUDA and the optional fla package and run with ``pytest -m gpu``; the check that
-CPU tensors are refused runs everywhere, fla or not.
+CPU tensors are refused runs everywhere, fla or not. fla autotunes its kernels for every new shape,
+dtype and index dtype, minutes each on a cold machine, so the cases share few of those (``-n`` of
+pytest-xdist runs them side by side).
 """
 
 import importlib.util
@@ -19,6 +21,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="needs fla (pip install fla-core)")
 RATIO = {torch.float32: 5e-3, torch.bfloat16: 1.5e-2}  # relative RMS error (fla's GLA tests use 5e-3)
 SHAPES = {"H4_K64_V64": (4, 64, 64), "k2_H1_K32_V129": (1, 32, 129)}
+CASES = {  # shape, dtype: the K-Operators decay path (K = r, V = d) in bf16 only
+    "H4_K64_V64-fp32": ("H4_K64_V64", torch.float32),
+    "H4_K64_V64-bf16": ("H4_K64_V64", torch.bfloat16),
+    "k2_H1_K32_V129-bf16": ("k2_H1_K32_V129", torch.bfloat16),
+}
+VARLEN_DTYPES = {"fp32-int64": (torch.float32, torch.int64), "bf16-int32": (torch.bfloat16, torch.int32)}
 CU_SEQLENS = [0, 1, 64, 129, 500]  # lengths 1, 63, 65 and 371: inside and across fla's 64-position chunks
 
 
@@ -77,11 +85,11 @@ def test_cpu_tensors_are_refused(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @needs_fla
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["const", "token"])
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_gpu_matches_naive(shape, per_token, dtype):
-    inputs, cotangents = make_case(2, 333, shape, per_token)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_gpu_matches_naive(case, per_token):
+    shape, dtype = case
+    inputs, cotangents = make_case(2, 333, SHAPES[shape], per_token)
     out = run("fla", inputs, cotangents, dtype)
     assert out["o"].dtype == dtype and out["final_state"].dtype == torch.float32
     assert_all_close(run("naive", inputs, cotangents, torch.float64), out, RATIO[dtype])
@@ -90,10 +98,10 @@ def test_gpu_matches_naive(shape, per_token, dtype):
 @pytest.mark.gpu
 @needs_cuda
 @needs_fla
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtypes", VARLEN_DTYPES.values(), ids=VARLEN_DTYPES.keys())
 @pytest.mark.parametrize("per_token", [False, True], ids=["const", "token"])
-def test_gpu_varlen_matches_naive(per_token, dtype, index_dtype):
+def test_gpu_varlen_matches_naive(per_token, dtypes):
+    dtype, index_dtype = dtypes
     N, T = len(CU_SEQLENS) - 1, CU_SEQLENS[-1]
     inputs, cotangents = make_case(1, T, SHAPES["H4_K64_V64"], per_token, seed=1, N=N)
     cu_seqlens = torch.tensor(CU_SEQLENS, dtype=index_dtype, device="cuda")
