@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from linmix.layers.kbase import BaseKernel
 from linmix.layers.registry import register_mixer
-from linmix.ops import decayed_attention
+from linmix.ops import decayed_attention, decayed_attention_step
 
 KBASE_MODES = ("per_layer", "shared", "none", "toeplitz")
 GAMMA_INITS = ("v1", "v2")
@@ -170,16 +170,22 @@ class K2Mixer(nn.Module):
             )
         q = F.normalize(x @ self.query_proj.to(x.dtype), dim=-1, eps=1e-8)  # [B, T, r]
         k = F.normalize(x @ self.key_proj.to(x.dtype), dim=-1, eps=1e-8)  # [B, T, r]
-        decay_out, decay_state = decayed_attention(
-            q[:, :, None],
-            k[:, :, None],
-            x[:, :, None],
-            self.log_gamma()[None],  # [1, r]
-            scale=1.0,
-            initial_state=None if state is None else state["decay"],
-            output_final_state=state is not None,
-            backend=self.config.decay_backend,
-        )
+        if state is not None and length == 1:  # decoding: one recurrence step from the carried state
+            decay_out, decay_state = decayed_attention_step(
+                q[:, 0, None], k[:, 0, None], x[:, 0, None], self.log_gamma()[None], state["decay"]
+            )
+            decay_out = decay_out[:, None]  # [B, 1, 1, d]
+        else:
+            decay_out, decay_state = decayed_attention(
+                q[:, :, None],
+                k[:, :, None],
+                x[:, :, None],
+                self.log_gamma()[None],  # [1, r]
+                scale=1.0,
+                initial_state=None if state is None else state["decay"],
+                output_final_state=state is not None,
+                backend=self.config.decay_backend,
+            )
         decay = self.alpha().to(x.dtype) * decay_out[:, :, 0]  # [B, T, d]
         base, new_state = None, None
         if self.kernel is not None:

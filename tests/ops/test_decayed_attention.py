@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
-from linmix.ops import decayed_attention
+from linmix.ops import decayed_attention, decayed_attention_step
 
 B, H, K, V = 2, 2, 8, 5
 SCALE = 0.5
@@ -295,3 +295,27 @@ def test_bad_inputs_raise(bad):
     q, k, v, log_gamma = (args.pop(n) for n in ("q", "k", "v", "log_gamma"))
     with pytest.raises(error, match=match):
         decayed_attention(q, k, v, log_gamma, **args)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["constant", "per_token"])
+def test_step_continues_the_sequence(per_token):
+    """Seven steps from a carried state equal the naive op over the same positions, output and state."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K, V = 2, 7, 3, 4, 5
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    log_gamma = torch.log(torch.rand((B, T, H, K) if per_token else (H, K), generator=gen, dtype=torch.float64) * 0.99 + 0.01)
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref_o, ref_state = decayed_attention(q, k, v, log_gamma, scale=0.5, initial_state=h0, output_final_state=True, backend="naive")
+    state, outputs = h0, []
+    for t in range(T):
+        o_t, state = decayed_attention_step(q[:, t], k[:, t], v[:, t], log_gamma[:, t] if per_token else log_gamma, state, scale=0.5)
+        outputs.append(o_t)
+    torch.testing.assert_close(torch.stack(outputs, dim=1), ref_o)
+    torch.testing.assert_close(state, ref_state)
+
+
+def test_step_rejects_a_wrong_state_shape():
+    q = torch.zeros(2, 1, 4)
+    with pytest.raises(ValueError, match=r"state must have shape \[B, H, K, V\]"):
+        decayed_attention_step(q, q, torch.zeros(2, 1, 3), torch.zeros(1, 4), torch.zeros(2, 1, 4, 4))

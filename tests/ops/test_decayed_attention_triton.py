@@ -69,15 +69,17 @@ def make_case(B, T, H, K, V, decay: str, with_h0: bool, seed: int = 0) -> tuple[
     return inputs, cotangents
 
 
-def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, fn=decayed_attention) -> dict:
+def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, fn=decayed_attention, cu_seqlens=None) -> dict:
     """Forward and backward on ``DEVICE``: ``o``, the final state and the gradient of every input."""
     leaves = {name: x.detach().to(DEVICE, dtype).requires_grad_() for name, x in inputs.items()}
     args = (leaves["q"], leaves["k"], leaves["v"], leaves["log_gamma"])
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(DEVICE)
     if fn is decayed_attention:
         kwargs = dict(scale=SCALE, initial_state=leaves.get("initial_state"), output_final_state=True, backend=backend)
-        o, final_state = fn(*args, **kwargs)
+        o, final_state = fn(*args, **kwargs, cu_seqlens=cu_seqlens)
     else:
-        o, final_state = fn(*args, SCALE, leaves.get("initial_state"), True)
+        o, final_state = fn(*args, SCALE, leaves.get("initial_state"), True, cu_seqlens=cu_seqlens)
     loss = (o.double() * cotangents["o"].to(DEVICE)).sum()
     loss = loss + (final_state.double() * cotangents["final_state"].to(DEVICE)).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
@@ -114,6 +116,30 @@ def test_matches_naive(case):
     ref = run("naive", inputs, cotangents, torch.float64)
     out = run("triton", inputs, cotangents, torch.float32)
     assert out["o"].dtype == torch.float32 and out["final_state"].dtype == torch.float32
+    assert_all_close(ref, out, **FP32)
+
+
+# (cu_seqlens, K, V, decay): odd lengths, a sequence of one position, chunk-aligned and not.
+PACKED_CASES = [
+    ([0, 1, 8, 71, 200], 16, 8, "token_mixed"),
+    ([0, 64, 65, 130], 32, 40, "const_gamma_0.01"),
+    ([0, 63, 190], 16, 24, "token_logsigmoid"),
+]
+
+
+@pytest.mark.parametrize("fn", [decayed_attention, triton_decayed_attention], ids=["public_api", "backend"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[f"N{len(c[0]) - 1}-T{c[0][-1]}-{c[3]}" for c in PACKED_CASES])
+def test_packed_sequences_match_naive(case, fn):
+    """``cu_seqlens`` into the backend: one launch for all sequences, as if each ran alone."""
+    bounds, K, V, decay = case
+    cu_seqlens = torch.tensor(bounds)
+    N, T = len(bounds) - 1, bounds[-1]
+    inputs, cotangents = make_case(1, T, 2, K, V, decay, with_h0=False, seed=N)
+    gen = torch.Generator().manual_seed(1)
+    inputs["initial_state"] = torch.randn(N, 2, K, V, generator=gen, dtype=torch.float64)
+    cotangents["final_state"] = torch.randn(N, 2, K, V, generator=gen, dtype=torch.float64)
+    ref = run("naive", inputs, cotangents, torch.float64, cu_seqlens=cu_seqlens)
+    out = run("triton", inputs, cotangents, torch.float32, fn=fn, cu_seqlens=cu_seqlens)
     assert_all_close(ref, out, **FP32)
 
 
@@ -177,9 +203,14 @@ def _op_args(T: int = 20) -> tuple:
     return (q, k, v, log_gamma, SCALE, h0), (cotangents["o"].to(DEVICE, torch.float32), None)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+def test_custom_ops_pass_opcheck(packed):
     """Schema, fake (meta) implementations and autograd registration of both custom ops."""
     forward_args, (do, _) = _op_args()
+    cu_seqlens = torch.tensor([0, 7, 20], device=DEVICE) if packed else None
+    if packed:
+        forward_args = (*forward_args[:5], forward_args[5].expand(2, -1, -1, -1).contiguous())
+    forward_args = (*forward_args, cu_seqlens)
     torch.library.opcheck(torch.ops.linmix.decayed_attention_fwd.default, forward_args)
     torch.library.opcheck(torch.ops.linmix.decayed_attention_bwd.default, (*forward_args, do, None))
 
@@ -261,3 +292,22 @@ def test_gpu_compile_fullgraph():
     compiled_grads = torch.autograd.grad(compiled(*leaves), leaves)
     for name, ref, out in zip(("dq", "dk", "dv", "dlog_gamma", "dh0"), eager_grads, compiled_grads, strict=True):
         assert_close(name, ref, out, ratio=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_packed_sequences_match_naive(dtype):
+    """Seven packed sequences of odd lengths (1 to 1000) in one launch, per-token extreme decays."""
+    bounds = [0, 1, 8, 71, 404, 467, 1467, 1800]
+    cu_seqlens = torch.tensor(bounds)
+    N, T, H, K, V = len(bounds) - 1, bounds[-1], 2, 64, 96
+    inputs, cotangents = make_case(1, T, H, K, V, "token_mixed", with_h0=False, seed=7)
+    gen = torch.Generator().manual_seed(2)
+    inputs["initial_state"] = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
+    cotangents["final_state"] = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
+    if dtype == torch.bfloat16:
+        inputs, cotangents = ({name: x.to(dtype).double() for name, x in case.items()} for case in (inputs, cotangents))
+    ref = run("naive", inputs, cotangents, torch.float64, cu_seqlens=cu_seqlens)
+    out = run("triton", inputs, cotangents, dtype, fn=triton_decayed_attention, cu_seqlens=cu_seqlens)
+    assert_all_close(ref, out, **(FP32 if dtype == torch.float32 else dict(ratio=1e-2)))

@@ -42,7 +42,7 @@ if importlib.util.find_spec("fla") is not None:  # flash-linear-attention, the o
     BACKENDS["fla"] = fla_decayed_attention
 NATIVE_DTYPE_BACKENDS = frozenset({"triton", "fla"})  # read 16-bit q/k/v themselves and sum in float32
 # Backends that take ``cu_seqlens=`` themselves; the others run once per packed sequence.
-VARLEN_BACKENDS = frozenset({"fla"})
+VARLEN_BACKENDS = frozenset({"triton", "fla"})
 
 
 def _auto_backend(q: torch.Tensor) -> str:
@@ -149,4 +149,45 @@ def decayed_attention(
     return o.to(v.dtype), final_state
 
 
-__all__ = ["BACKENDS", "VARLEN_BACKENDS", "decayed_attention"]
+def decayed_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position of ``decayed_attention`` from a carried state: the decoding step.
+
+    ``S = diag(exp(log_gamma)) state + k v^T`` and ``o = scale * S^T q``, in a few batched tensor
+    operations (no kernel launch per chunk, no check that reads values back from the device), so
+    every backend decodes through it. It computes in the wider of the state's and the inputs' dtypes
+    (float32 for 16-bit inputs and a float32 state).
+
+    Args:
+        q: queries of the new position, ``[B, H, K]``.
+        k: keys, ``[B, H, K]``.
+        v: values, ``[B, H, V]``.
+        log_gamma: log decay ``<= 0``, ``[H, K]`` (constant) or ``[B, H, K]`` (this position's).
+        state: ``[B, H, K, V]``, the state after the previous position.
+        scale: factor applied to the output.
+
+    Returns:
+        ``o`` of shape ``[B, H, V]`` in ``v``'s dtype and the new state ``[B, H, K, V]`` in the compute dtype.
+    """
+    B, H, K = q.shape
+    V = v.shape[-1]
+    check_shape("k", k, (B, H, K), "[B, H, K] like q")
+    check_shape("v", v, (B, H, V), "[B, H, V]")
+    check_shape("state", state, (B, H, K, V), "[B, H, K, V]")
+    if log_gamma.shape not in ((H, K), (B, H, K)):
+        raise ValueError(f"log_gamma must have shape [H, K] = [{H}, {K}] or [B, H, K] = [{B}, {H}, {K}], got {shape_str(log_gamma)}")
+    dtype = torch.promote_types(state.dtype, q.dtype)
+    gamma = torch.exp(log_gamma.to(dtype))  # [H, K] or [B, H, K]
+    state = gamma[..., None] * state.to(dtype) + k.to(dtype)[..., None] * v.to(dtype)[..., None, :]  # [B, H, K, V]
+    o = scale * torch.einsum("bhk,bhkv->bhv", q.to(dtype), state)  # [B, H, V]
+    return o.to(v.dtype), state
+
+
+__all__ = ["BACKENDS", "VARLEN_BACKENDS", "decayed_attention", "decayed_attention_step"]

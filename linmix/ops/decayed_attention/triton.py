@@ -1,31 +1,43 @@
 """Decayed attention on fused Triton kernels, wrapped as ``torch.library`` custom ops.
 
-The forward runs the state recurrence over chunks of 64 positions (``chunk_states_kernel``) and then
-every chunk's output in parallel (``chunk_output_kernel``); the backward recomputes the chunk
-states, runs the state gradient backwards (``chunk_dstates_kernel``) and then ``dv`` and
-``dq, dk, dlog_gamma`` per chunk in parallel. The ops ``linmix::decayed_attention_fwd`` and
+The forward runs the state recurrence over chunks of 64 positions (``chunk_states_kernel``), the
+in-chunk scores (``chunk_scores_kernel``) and then every chunk's output in parallel
+(``chunk_output_kernel``); the backward recomputes the chunk states and scores, runs the state
+gradient backwards (``chunk_dstates_kernel``) and then ``dA``, ``dv`` and ``dq, dk, dlog_gamma``
+per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same launches. The ops ``linmix::decayed_attention_fwd`` and
 ``linmix::decayed_attention_bwd`` have fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through them without a graph break.
 """
 
+import dataclasses
 import functools
 import importlib
+import os
 
 import torch
 
 from linmix.ops._triton import launch_device
 
 from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
+from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
 
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
-MAX_BLOCK_K = 32  # largest tile of the key channels: in-block decays are [16, 16, BK] in registers
+MAX_BLOCK_K = 64  # largest tile of the key channels in the matrix-product kernels
+MAX_BLOCK_K_INSIDE = 32  # ... in the kernels that hold [16, 16, BK] in-block decays in registers
 MAX_BLOCK_V = 64  # largest tile of the value channels
-MAX_BLOCK_V_DQK = 32  # largest tile of the value channels in chunk_dqk_kernel, which loops over them
-# Launch options that keep every kernel free of register spills on sm_90 (checked with ptxas -v):
-# the sequential state kernels prefetch the next chunk, the parallel ones spread a chunk over 8 warps.
-SEQUENTIAL = dict(num_warps=4, num_stages=2)
-PARALLEL = dict(num_warps=8, num_stages=1)
+# Warps and pipeline stages of every kernel (by name, without "chunk_" and "_kernel"): the fastest
+# on an H100 among the settings without register spills on sm_90 (ptxas -v); see docs/PERFORMANCE.md.
+LAUNCH = {
+    "states": dict(num_warps=4, num_stages=3),
+    "scores": dict(num_warps=4, num_stages=1),
+    "output": dict(num_warps=4, num_stages=2),
+    "dstates": dict(num_warps=8, num_stages=1),
+    "dscores": dict(num_warps=4, num_stages=2),
+    "dv": dict(num_warps=4, num_stages=2),
+    "dqk": dict(num_warps=4, num_stages=1),
+    "dg": dict(num_warps=4, num_stages=2),
+}
 
 
 @functools.cache
@@ -49,25 +61,71 @@ def _tile_size(n: int, block: int | None, largest: int) -> int:
     return block or max(16, min(largest, 1 << (n - 1).bit_length()))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact float32 products for float32 inputs, TF32 for 16-bit ones."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_options(dtype: torch.dtype) -> dict:
+    """How the kernels multiply matrices of ``dtype`` inputs: ``PRECISION`` and the operand dtype ``DOT_DTYPE``.
+
+    float32 inputs multiply exactly in float32; 16-bit ones in their own dtype with float32 sums.
+    Triton's interpreter has no 16-bit matrix product, so there every product runs in float32.
+    """
+    tl = importlib.import_module("triton.language")
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(PRECISION="ieee", DOT_DTYPE=tl.float32)
+    return dict(PRECISION="tf32", DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
 
 
-def _chunk_decay(log_gamma: torch.Tensor, B: int, T: int, H: int, K: int) -> tuple[torch.Tensor, bool]:
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the rows of ``[B, T, ...]`` split into sequences and chunks of ``CHUNK`` positions.
+
+    ``NT`` is the chunk count of every sequence without ``cu_seqlens``; ``n_chunks`` counts the
+    chunks of the whole batch and ``n_seqs`` the sequences. With ``cu_seqlens``, ``chunk_indices``
+    ``[n_chunks, 2]`` holds every chunk's sequence and position in it and ``chunk_offsets``
+    ``[n_seqs]`` every sequence's first chunk (both int32).
+    """
+
+    T: int
+    NT: int
+    n_chunks: int
+    n_seqs: int
+    cu_seqlens: torch.Tensor | None
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> _Layout:
+    """The chunk layout of a batch of ``B`` sequences of ``T`` positions, or of the packed ``cu_seqlens``."""
+    if cu_seqlens is None:
+        NT = _cdiv(T, CHUNK)
+        return _Layout(T, NT, B * NT, B, None, None, None)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = (lengths + CHUNK - 1) // CHUNK  # [N], chunks of every sequence
+    offsets = torch.cumsum(counts, 0) - counts  # [N], index of every sequence's first chunk
+    n_chunks = int(counts.sum())
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    position = torch.arange(n_chunks, device=counts.device) - offsets[seq]
+    chunk_indices = torch.stack([seq, position], dim=1).to(torch.int32).contiguous()
+    return _Layout(T, 0, n_chunks, len(counts), cu_seqlens.to(torch.int32).contiguous(), chunk_indices,
+                   offsets.to(torch.int32).contiguous())
+
+
+def _chunk_decay(log_gamma: torch.Tensor, layout: _Layout, H: int, K: int) -> tuple[torch.Tensor, bool]:
     """The decay operand of the kernels and whether it is constant.
 
     Returns:
         For ``[H, K]``: the contiguous constant log decay (the kernels compute ``c`` from it), ``True``.
-        For ``[B, T, H, K]``: the in-chunk cumulative log decay ``[B, Tp, H, K]`` float32, ``False``.
+        For ``[B, T, H, K]``: the in-chunk cumulative log decay, same shape, float32, ``False``.
     """
     if log_gamma.dim() == 2:
         return log_gamma.contiguous(), True
-    NT = _cdiv(T, CHUNK)
     BK = _tile_size(K, None, MAX_BLOCK_K)
-    c = log_gamma.new_empty(B, NT * CHUNK, H, K, dtype=torch.float32)
-    _kernels().chunk_cumsum_kernel[(NT, B * H, _cdiv(K, BK))](
-        log_gamma.contiguous(), c, T, NT * CHUNK, H, K, BT=CHUNK, BK=BK
+    c = torch.empty_like(log_gamma, dtype=torch.float32)
+    _kernels().chunk_cumsum_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
+        log_gamma.contiguous(), c, layout.cu_seqlens, layout.chunk_indices, layout.T, layout.NT, H, K,
+        BT=CHUNK, BK=BK, IS_VARLEN=layout.varlen,
     )
     return c, False
 
@@ -78,22 +136,34 @@ def _chunk_states(
     decay: torch.Tensor,
     const: bool,
     initial_state: torch.Tensor | None,
+    layout: _Layout,
     BK: int,
     BV: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 state entering every chunk ``[B, H, NT, K, V]`` and the final state ``[B, H, K, V]``."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    NT = _cdiv(T, CHUNK)
-    h = k.new_empty(B, H, NT, K, V, dtype=torch.float32)
-    ht = k.new_empty(B, H, K, V, dtype=torch.float32)
-    h0 = ht if initial_state is None else initial_state.float().contiguous()
-    _kernels().chunk_states_kernel[(_cdiv(K, BK), _cdiv(V, BV), B * H)](
-        k, v, decay, decay, h0, h, ht, T, NT * CHUNK, H, K, V, NT,
-        BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_H0=initial_state is not None, PRECISION=_precision(k.dtype),
-        **SEQUENTIAL,
+    """The float32 state entering every chunk ``[n_chunks, H, K, V]`` and the final states ``[n_seqs, H, K, V]``."""
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    h = k.new_empty(layout.n_chunks, H, K, V, dtype=torch.float32)
+    ht = k.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    _kernels().chunk_states_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
+        k, v, decay, decay, h0, h, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, layout.NT, H, K, V,
+        BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_H0=initial_state is not None, IS_VARLEN=layout.varlen,
+        **_dot_options(k.dtype), **LAUNCH["states"],
     )
     return h, ht
+
+
+def _chunk_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, const: bool, layout: _Layout,
+                  BK: int) -> torch.Tensor:
+    """The in-chunk scores ``[B, T, H, CHUNK]`` float32 (row ``t`` against its chunk's keys, causal part only)."""
+    B, T, H, K = q.shape
+    A = q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
+    _kernels().chunk_scores_kernel[(CHUNK // SUB_BLOCK, layout.n_chunks, H)](
+        q, k, decay, decay, A, layout.cu_seqlens, layout.chunk_indices, layout.T, layout.NT, H, K,
+        BT=CHUNK, BC=SUB_BLOCK, BK=BK, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
+        **LAUNCH["scores"],
+    )
+    return A
 
 
 def decayed_attention_forward(
@@ -103,6 +173,7 @@ def decayed_attention_forward(
     log_gamma: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,25 +185,29 @@ def decayed_attention_forward(
         v: values, ``[B, T, H, V]``, dtype of ``q``.
         log_gamma: log decay ``<= 0``, ``[H, K]`` (constant) or ``[B, T, H, K]`` (per token).
         scale: factor applied to every output.
-        initial_state: ``[B, H, K, V]`` or None for zeros.
-        block_k: tile of the key channels (a power of two >= 16); None picks one.
-        block_v: tile of the value channels (a power of two >= 16); None picks one.
+        initial_state: ``[N, H, K, V]`` or None for zeros (``N = B``, or the number of sequences).
+        cu_seqlens: ``[N + 1]`` starts of the packed sequences (``B = 1``), or None.
+        block_k: tile of the key channels (a power of two >= 16); None picks one per kernel.
+        block_v: tile of the value channels (a power of two >= 16); None picks one per kernel.
 
     Returns:
-        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final state ``[B, H, K, V]`` float32.
+        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final states ``[N, H, K, V]`` float32.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
-    NT = _cdiv(T, CHUNK)
+    BK_inside = _tile_size(K, block_k, MAX_BLOCK_K_INSIDE)
     with launch_device(q):
-        decay, const = _chunk_decay(log_gamma, B, T, H, K)
-        h, final_state = _chunk_states(k, v, decay, const, initial_state, BK, BV)
+        layout = _layout(B, T, cu_seqlens)
+        decay, const = _chunk_decay(log_gamma, layout, H, K)
+        h, final_state = _chunk_states(k, v, decay, const, initial_state, layout, BK, BV)
+        A = _chunk_scores(q, k, decay, const, layout, BK_inside)
         o = torch.empty_like(v)
-        _kernels().chunk_output_kernel[(_cdiv(V, BV), NT, B * H)](
-            q, k, v, decay, decay, h, o, scale, T, NT * CHUNK, H, K, V, NT,
-            BT=CHUNK, BC=SUB_BLOCK, BK=BK, BV=BV, CONST=const, PRECISION=_precision(q.dtype), **PARALLEL,
+        _kernels().chunk_output_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
+            q, v, decay, decay, h, A, o, scale, layout.cu_seqlens, layout.chunk_indices, T, layout.NT, H, K, V,
+            BT=CHUNK, BK=BK, BV=BV, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
+            **LAUNCH["output"],
         )
     return o, final_state
 
@@ -146,52 +221,67 @@ def decayed_attention_backward(
     initial_state: torch.Tensor | None,
     do: torch.Tensor,
     dfinal_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels; the chunk states are recomputed, not stored by the forward.
+    """Launch the backward kernels; the chunk states and scores are recomputed, not stored by the forward.
 
     Args:
-        q, k, v, log_gamma, scale, initial_state: the forward's arguments (see ``decayed_attention_forward``).
+        q, k, v, log_gamma, scale, initial_state, cu_seqlens: the forward's arguments (see
+            ``decayed_attention_forward``).
         do: gradient of ``o``, ``[B, T, H, V]``.
-        dfinal_state: gradient of the final state ``[B, H, K, V]``, or None for zeros.
-        block_k: tile of the key channels (a power of two >= 16); None picks one.
-        block_v: tile of the value channels (a power of two >= 16); None picks one.
+        dfinal_state: gradient of the final states ``[N, H, K, V]``, or None for zeros.
+        block_k: tile of the key channels (a power of two >= 16); None picks one per kernel.
+        block_v: tile of the value channels (a power of two >= 16); None picks one per kernel.
 
     Returns:
         ``dq``, ``dk``, ``dv`` in their inputs' dtypes, ``dlog_gamma`` in the shape and dtype of
         ``log_gamma`` (the per-token gradient summed over ``B`` and ``T`` for a constant decay) and
-        the gradient of the initial state ``[B, H, K, V]`` float32.
+        the gradient of the initial states ``[N, H, K, V]`` float32.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
-    NK, NV, NT = _cdiv(K, BK), _cdiv(V, BV), _cdiv(T, CHUNK)
-    precision = _precision(q.dtype)
+    BK_inside = _tile_size(K, block_k, MAX_BLOCK_K_INSIDE)
+    dots = _dot_options(q.dtype)
     kernels = _kernels()
     with launch_device(q):
-        decay, const = _chunk_decay(log_gamma, B, T, H, K)
-        h, _ = _chunk_states(k, v, decay, const, initial_state, BK, BV)
+        layout = _layout(B, T, cu_seqlens)
+        varlen = dict(cu_seqlens=layout.cu_seqlens, T=T, NT=layout.NT, IS_VARLEN=layout.varlen)
+        decay, const = _chunk_decay(log_gamma, layout, H, K)
+        h, _ = _chunk_states(k, v, decay, const, initial_state, layout, BK, BV)
+        A = _chunk_scores(q, k, decay, const, layout, BK_inside)
         dh = torch.empty_like(h)
-        dh0 = q.new_empty(B, H, K, V, dtype=torch.float32)
-        dht = dh0 if dfinal_state is None else dfinal_state.float().contiguous()
-        kernels.chunk_dstates_kernel[(NK, NV, B * H)](
-            q, decay, decay, do, dht, dh, dh0, scale, T, NT * CHUNK, H, K, V, NT,
-            BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_DHT=dfinal_state is not None, PRECISION=precision,
-            **SEQUENTIAL,
+        dh0 = q.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
+        dht = None if dfinal_state is None else dfinal_state.float().contiguous()
+        kernels.chunk_dstates_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
+            q, decay, decay, do, dht, dh, dh0, scale, chunk_offsets=layout.chunk_offsets, H=H, K=K, V=V,
+            BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_DHT=dfinal_state is not None, **dots,
+            **varlen, **LAUNCH["dstates"],
+        )
+        per_chunk = dict(chunk_indices=layout.chunk_indices, H=H, BT=CHUNK, **dots, **varlen)
+        dA = torch.empty_like(A)
+        kernels.chunk_dscores_kernel[(1, layout.n_chunks, H)](
+            v, do, dA, scale, V=V, BV=BV, **per_chunk, **LAUNCH["dscores"]
         )
         dv = torch.empty_like(v)
-        kernels.chunk_dv_kernel[(NV, NT, B * H)](
-            q, k, decay, decay, do, dh, dv, scale, T, NT * CHUNK, H, K, V, NT,
-            BT=CHUNK, BC=SUB_BLOCK, BK=BK, BV=BV, CONST=const, PRECISION=precision, **PARALLEL,
+        kernels.chunk_dv_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
+            k, decay, decay, do, dh, A, dv, scale, K=K, V=V, BK=BK, BV=BV, CONST=const, **per_chunk, **LAUNCH["dv"]
         )
         dq, dk = torch.empty_like(q), torch.empty_like(k)
+        x = q.new_empty(B, T, H, K, dtype=torch.float32)
+        y = torch.empty_like(x)
+        entering = q.new_empty(layout.n_chunks, H, K, dtype=torch.float32)
+        kernels.chunk_dqk_kernel[(_cdiv(K, BK_inside), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
+            q, k, v, decay, decay, h, do, dh, dA, dq, dk, x, y, entering, scale, K=K, V=V, BC=SUB_BLOCK,
+            BK=BK_inside, BV=BV, CONST=const, **per_chunk, **LAUNCH["dqk"],
+        )
         dg = q.new_empty(B, T, H, K, dtype=torch.float32 if const else log_gamma.dtype)
-        kernels.chunk_dqk_kernel[(NK, NT, B * H)](
-            q, k, v, decay, decay, h, do, dh, dq, dk, dg, scale, T, NT * CHUNK, H, K, V, NT,
-            BT=CHUNK, BC=SUB_BLOCK, BK=BK, BV=min(BV, MAX_BLOCK_V_DQK), CONST=const, PRECISION=precision,
-            **PARALLEL,
+        kernels.chunk_dg_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
+            x, y, entering, dg, layout.cu_seqlens, layout.chunk_indices, T, layout.NT, H, K, BT=CHUNK, BK=BK,
+            IS_VARLEN=layout.varlen, **LAUNCH["dg"],
         )
     if const:
         dg = dg.sum(dim=(0, 1)).to(log_gamma.dtype)  # [H, K]
@@ -206,15 +296,21 @@ def _forward_op(
     log_gamma: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, final_state)``, see ``decayed_attention_forward``."""
-    return decayed_attention_forward(q, k, v, log_gamma, scale, initial_state)
+    return decayed_attention_forward(q, k, v, log_gamma, scale, initial_state, cu_seqlens)
+
+
+def _n_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """The number of sequences: the batch size, or one fewer than the entries of ``cu_seqlens``."""
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, log_gamma, scale, initial_state):
-    B, T, H, K = q.shape
-    return v.new_empty(v.shape), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
+def _forward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens):
+    _, _, H, K = q.shape
+    return v.new_empty(v.shape), q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("linmix::decayed_attention_bwd", mutates_args=())
@@ -225,32 +321,33 @@ def _backward_op(
     log_gamma: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     do: torch.Tensor,
     dfinal_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_gamma, dinitial_state)``, see ``decayed_attention_backward``."""
-    return decayed_attention_backward(q, k, v, log_gamma, scale, initial_state, do, dfinal_state)
+    return decayed_attention_backward(q, k, v, log_gamma, scale, initial_state, do, dfinal_state, cu_seqlens)
 
 
 @_backward_op.register_fake
-def _backward_fake(q, k, v, log_gamma, scale, initial_state, do, dfinal_state):
-    B, T, H, K = q.shape
-    dh0 = q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
+def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state):
+    _, _, H, K = q.shape
+    dh0 = q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_gamma.new_empty(log_gamma.shape), dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
     """Keep the forward's inputs: the backward recomputes the chunk states from them."""
-    q, k, v, log_gamma, scale, initial_state = inputs
-    ctx.save_for_backward(q, k, v, log_gamma, initial_state)
+    q, k, v, log_gamma, scale, initial_state, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, log_gamma, initial_state, cu_seqlens)
     ctx.scale = scale
 
 
 def _backward(ctx, do, dfinal_state):
-    """Gradients of the forward op's inputs (none for ``scale``, none for an absent initial state)."""
-    q, k, v, log_gamma, initial_state = ctx.saved_tensors
-    dq, dk, dv, dg, dh0 = _backward_op(q, k, v, log_gamma, ctx.scale, initial_state, do, dfinal_state)
-    return dq, dk, dv, dg, None, (None if initial_state is None else dh0.to(initial_state.dtype))
+    """Gradients of the forward op's inputs (none for ``scale``, ``cu_seqlens`` and an absent initial state)."""
+    q, k, v, log_gamma, initial_state, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = _backward_op(q, k, v, log_gamma, ctx.scale, initial_state, cu_seqlens, do, dfinal_state)
+    return dq, dk, dv, dg, None, (None if initial_state is None else dh0.to(initial_state.dtype)), None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -264,11 +361,13 @@ def triton_decayed_attention(
     scale: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decayed attention on the Triton kernels (CUDA tensors, or any under ``TRITON_INTERPRET=1``).
 
     Inputs are validated (see ``decayed_attention``). The kernels compute in float32 from float32,
-    bfloat16 or float16 inputs; float64 inputs run the chunked PyTorch form instead, in float64.
+    bfloat16 or float16 inputs; float64 inputs run the chunked PyTorch form instead, in float64
+    (one sequence at a time when packed).
 
     Args:
         q: queries, ``[B, T, H, K]``.
@@ -276,14 +375,18 @@ def triton_decayed_attention(
         v: values, ``[B, T, H, V]``.
         log_gamma: log decay, ``[H, K]`` (constant, never expanded) or ``[B, T, H, K]`` (per token).
         scale: factor applied to every output.
-        initial_state: ``[B, H, K, V]`` or None for zeros.
-        output_final_state: whether to return the state after the last position.
+        initial_state: ``[N, H, K, V]`` or None for zeros.
+        output_final_state: whether to return the state after every sequence's last position.
+        cu_seqlens: ``[N + 1]`` starts of ``N`` sequences packed along ``T`` (``B = 1``), or None.
 
     Returns:
-        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final state ``[B, H, K, V]``
+        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final states ``[N, H, K, V]``
         float32 (or None).
     """
     if q.dtype == torch.float64:
-        return chunk_decayed_attention(q, k, v, log_gamma, scale, initial_state, output_final_state)
-    o, final_state = _forward_op(q, k, v, log_gamma, float(scale), initial_state)
+        args = (q, k, v, log_gamma, scale, initial_state, output_final_state)
+        if cu_seqlens is None:
+            return chunk_decayed_attention(*args)
+        return per_sequence_decayed_attention(chunk_decayed_attention, *args, cu_seqlens)
+    o, final_state = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)
