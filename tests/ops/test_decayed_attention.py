@@ -304,12 +304,16 @@ def test_step_continues_the_sequence(per_token):
     B, T, H, K, V = 2, 7, 3, 4, 5
     q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
     v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
-    log_gamma = torch.log(torch.rand((B, T, H, K) if per_token else (H, K), generator=gen, dtype=torch.float64) * 0.99 + 0.01)
+    uniform = torch.rand((B, T, H, K) if per_token else (H, K), generator=gen, dtype=torch.float64)
+    log_gamma = torch.log(0.01 + 0.99 * uniform)
     h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
-    ref_o, ref_state = decayed_attention(q, k, v, log_gamma, scale=0.5, initial_state=h0, output_final_state=True, backend="naive")
+    ref_o, ref_state = decayed_attention(
+        q, k, v, log_gamma, scale=0.5, initial_state=h0, output_final_state=True, backend="naive"
+    )
     state, outputs = h0, []
     for t in range(T):
-        o_t, state = decayed_attention_step(q[:, t], k[:, t], v[:, t], log_gamma[:, t] if per_token else log_gamma, state, scale=0.5)
+        log_gamma_t = log_gamma[:, t] if per_token else log_gamma
+        o_t, state = decayed_attention_step(q[:, t], k[:, t], v[:, t], log_gamma_t, state, scale=0.5)
         outputs.append(o_t)
     torch.testing.assert_close(torch.stack(outputs, dim=1), ref_o)
     torch.testing.assert_close(state, ref_state)

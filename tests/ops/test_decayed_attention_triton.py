@@ -69,7 +69,8 @@ def make_case(B, T, H, K, V, decay: str, with_h0: bool, seed: int = 0) -> tuple[
     return inputs, cotangents
 
 
-def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, fn=decayed_attention, cu_seqlens=None) -> dict:
+def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, fn=decayed_attention,
+        cu_seqlens: torch.Tensor | None = None) -> dict:
     """Forward and backward on ``DEVICE``: ``o``, the final state and the gradient of every input."""
     leaves = {name: x.detach().to(DEVICE, dtype).requires_grad_() for name, x in inputs.items()}
     args = (leaves["q"], leaves["k"], leaves["v"], leaves["log_gamma"])

@@ -182,7 +182,9 @@ def decayed_attention_step(
     check_shape("v", v, (B, H, V), "[B, H, V]")
     check_shape("state", state, (B, H, K, V), "[B, H, K, V]")
     if log_gamma.shape not in ((H, K), (B, H, K)):
-        raise ValueError(f"log_gamma must have shape [H, K] = [{H}, {K}] or [B, H, K] = [{B}, {H}, {K}], got {shape_str(log_gamma)}")
+        raise ValueError(
+            f"log_gamma must have shape [H, K] = [{H}, {K}] or [B, H, K] = [{B}, {H}, {K}], got {shape_str(log_gamma)}"
+        )
     dtype = torch.promote_types(state.dtype, q.dtype)
     gamma = torch.exp(log_gamma.to(dtype))  # [H, K] or [B, H, K]
     state = gamma[..., None] * state.to(dtype) + k.to(dtype)[..., None] * v.to(dtype)[..., None, :]  # [B, H, K, V]

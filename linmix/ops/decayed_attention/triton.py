@@ -4,9 +4,10 @@ The forward runs the state recurrence over chunks of 64 positions (``chunk_state
 in-chunk scores (``chunk_scores_kernel``) and then every chunk's output in parallel
 (``chunk_output_kernel``); the backward recomputes the chunk states and scores, runs the state
 gradient backwards (``chunk_dstates_kernel``) and then ``dA``, ``dv`` and ``dq, dk, dlog_gamma``
-per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same launches. The ops ``linmix::decayed_attention_fwd`` and
-``linmix::decayed_attention_bwd`` have fake implementations and an autograd formula, so
-``torch.compile(fullgraph=True)`` traces through them without a graph break.
+per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same launches. The ops
+``linmix::decayed_attention_fwd`` and ``linmix::decayed_attention_bwd`` have fake implementations
+and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through them without a graph
+break.
 """
 
 import dataclasses
@@ -17,7 +18,6 @@ import os
 import torch
 
 from linmix.ops._triton import launch_device
-
 from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
 from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
 

@@ -84,7 +84,7 @@ def _tile(row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.conste
 
 @triton.jit
 def _load(ptr, row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.constexpr):
-    """``ptr[row0:row0 + R, col0:col0 + C]`` as an ``[R, C]`` tile in the pointer's dtype, zero past ``row_end`` / ``n_cols``."""
+    """``ptr[row0:row0 + R, col0:col0 + C]`` as an ``[R, C]`` tile in the pointer's dtype, zero past the bounds."""
     offsets, mask = _tile(row0, col0, row_stride, row_end, n_cols, R, C)
     return tl.load(ptr + row0 * row_stride + offsets, mask=mask, other=0.0)
 
@@ -147,7 +147,7 @@ def _mm(a, b, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _chunk_scores(A, t0, eos, row_stride, BT: tl.constexpr):
-    """The causal ``[BT, BT]`` scores of a chunk (rows = queries, columns = keys), zero above the diagonal and past ``eos``."""
+    """The causal ``[BT, BT]`` scores of a chunk (rows = queries, columns = keys), zero above the diagonal."""
     pos = tl.arange(0, BT)
     return tl.where(pos[None, :] <= pos[:, None], _load(A, t0, 0, row_stride, eos, BT, BT, BT), 0.0)
 
