@@ -286,27 +286,12 @@ def fla_missing() -> str | None:
     return None
 
 
-def _fla_inputs(inputs: dict, shape: dict) -> dict:
-    """fla wants the gate per token: ``g`` is the log decay expanded to ``[B, T, H, K]``."""
-    g = inputs["log_gamma"].expand(shape["B"], shape["T"], shape["H"], shape["K"]).contiguous()
-    return {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "g": g, "scale": inputs["scale"]}
-
-
-def _run_fla(inputs: dict) -> torch.Tensor:
-    from fla.ops.gla import chunk_gla
-
-    o, _ = chunk_gla(
-        inputs["q"], inputs["k"], inputs["v"], g=inputs["g"], scale=inputs["scale"],
-        initial_state=None, output_final_state=False,
-    )
-    return o
-
-
 # Limits of decayed_attention's backends, shared by the K2 layers built on them.
 DECAY_BACKEND_LIMITS = {
     "naive": {"max_T": TOKEN_LOOP_MAX_T, "skip_reason": "token-by-token loop"},
     "mask": {"max_T": QUADRATIC_MAX_T, "skip_reason": "quadratic memory"},
     "triton": {"needs_cuda": True},
+    "fla": {"needs_cuda": True, "missing": fla_missing},
 }
 
 
@@ -314,7 +299,7 @@ def _decayed_attention_backends() -> dict[str, Backend]:
     backends = {name: Backend(_decayed_attention_backend(name), **DECAY_BACKEND_LIMITS.get(name, {}))
                 for name in DECAYED_ATTENTION_BACKENDS}
     # fla's tl.dot multiplies float32 in TF32 (Triton's default), so it is held to the 5e-3 of fla's GLA tests.
-    backends["fla"] = Backend(_run_fla, prepare=_fla_inputs, needs_cuda=True, missing=fla_missing, gate_tolerance=5e-3)
+    backends["fla"] = Backend(_decayed_attention_backend("fla"), **DECAY_BACKEND_LIMITS["fla"], gate_tolerance=5e-3)
     backends["sdpa"] = Backend(_run_sdpa, prepare=_sdpa_inputs, baseline=True, cost=sdpa_cost)
     return backends
 

@@ -26,8 +26,8 @@ SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
 MAX_BLOCK_K = 64  # largest tile of the key channels in the matrix-product kernels
 MAX_BLOCK_K_INSIDE = 32  # ... in the kernels that hold [16, 16, BK] in-block decays in registers
 MAX_BLOCK_V = 64  # largest tile of the value channels
-# Warps and pipeline stages of every kernel (by name, without "chunk_" and "_kernel"): the fastest
-# on an H100 among the settings without register spills on sm_90 (ptxas -v); see docs/PERFORMANCE.md.
+# Warps and pipeline stages of every kernel (by name, without "chunk_" and "_kernel"): the fastest of
+# 4 or 8 warps and 1 to 3 stages on an H100 at fla's and the K2 layer's shapes (docs/PERFORMANCE.md).
 LAUNCH = {
     "states": dict(num_warps=4, num_stages=3),
     "scores": dict(num_warps=4, num_stages=1),
@@ -122,7 +122,7 @@ def _chunk_decay(log_gamma: torch.Tensor, layout: _Layout, H: int, K: int) -> tu
     if log_gamma.dim() == 2:
         return log_gamma.contiguous(), True
     BK = _tile_size(K, None, MAX_BLOCK_K)
-    c = torch.empty_like(log_gamma, dtype=torch.float32)
+    c = log_gamma.new_empty(log_gamma.shape, dtype=torch.float32)  # contiguous, as the kernels index it
     _kernels().chunk_cumsum_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
         log_gamma.contiguous(), c, layout.cu_seqlens, layout.chunk_indices, layout.T, layout.NT, H, K,
         BT=CHUNK, BK=BK, IS_VARLEN=layout.varlen,
