@@ -152,10 +152,25 @@ def test_tiles_over_keys_and_values():
         x.to(DEVICE, torch.float32) for x in (*inputs.values(), *cotangents.values())
     )
     tiles = dict(block_k=16, block_v=16)
-    o, final_state = decayed_attention_forward(q, k, v, log_gamma, SCALE, h0, **tiles)
-    grads = decayed_attention_backward(q, k, v, log_gamma, SCALE, h0, do, dfinal, **tiles)
+    o, final_state, chunk_states, scores = decayed_attention_forward(q, k, v, log_gamma, SCALE, h0, **tiles)
+    grads = decayed_attention_backward(q, k, v, log_gamma, SCALE, h0, do, dfinal, chunk_states, scores, **tiles)
     out = dict(zip(("dq", "dk", "dv", "dlog_gamma", "dinitial_state"), grads, strict=True))
     assert_all_close(ref, {"o": o, "final_state": final_state, **out}, **FP32)
+
+
+def test_gradient_through_the_final_state_alone():
+    """``o`` unused: its gradient reaches the backward as None, and the state's alone flows back."""
+    inputs, _ = make_case(1, 70, 1, 16, 8, "token_logsigmoid", True, seed=6)
+    grads = {}
+    for backend, dtype in (("naive", torch.float64), ("triton", torch.float32)):
+        leaves = [x.to(DEVICE, dtype).requires_grad_() for x in inputs.values()]
+        q, k, v, log_gamma, h0 = leaves
+        _, final_state = decayed_attention(
+            q, k, v, log_gamma, scale=SCALE, initial_state=h0, output_final_state=True, backend=backend
+        )
+        grads[backend] = torch.autograd.grad(final_state.square().sum(), leaves, materialize_grads=True)
+    for name, ref, out in zip(("dq", "dk", "dv", "dlog_gamma", "dh0"), grads["naive"], grads["triton"], strict=True):
+        assert_close(name, ref, out, **FP32)
 
 
 def test_final_state_is_none_unless_requested():
@@ -213,7 +228,9 @@ def test_custom_ops_pass_opcheck(packed):
         forward_args = (*forward_args[:5], forward_args[5].expand(2, -1, -1, -1).contiguous())
     forward_args = (*forward_args, cu_seqlens)
     torch.library.opcheck(torch.ops.linmix.decayed_attention_fwd.default, forward_args)
-    torch.library.opcheck(torch.ops.linmix.decayed_attention_bwd.default, (*forward_args, do, None))
+    _, _, chunk_states, scores = torch.ops.linmix.decayed_attention_fwd(*forward_args)
+    backward_args = (*forward_args, do, None, chunk_states.detach(), scores.detach())
+    torch.library.opcheck(torch.ops.linmix.decayed_attention_bwd.default, backward_args)
 
 
 def test_compiles_without_graph_break():

@@ -2,12 +2,13 @@
 
 The forward runs the state recurrence over chunks of 64 positions (``chunk_states_kernel``), the
 in-chunk scores (``chunk_scores_kernel``) and then every chunk's output in parallel
-(``chunk_output_kernel``); the backward recomputes the chunk states and scores, runs the state
-gradient backwards (``chunk_dstates_kernel``) and then ``dA``, ``dv`` and ``dq, dk, dlog_gamma``
-per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same launches. The ops
-``linmix::decayed_attention_fwd`` and ``linmix::decayed_attention_bwd`` have fake implementations
-and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through them without a graph
-break.
+(``chunk_output_kernel``). It keeps the chunk states and scores for the backward (float32, about
+``4 K V / 64 + 256`` bytes per position and head), which therefore recomputes neither: it runs
+the state gradient backwards (``chunk_dstates_kernel``) and then ``dA``, ``dv`` and
+``dq, dk, dlog_gamma`` per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same
+launches. The ops ``linmix::decayed_attention_fwd`` and ``linmix::decayed_attention_bwd`` have
+fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through
+them without a graph break.
 """
 
 import dataclasses
@@ -80,7 +81,8 @@ class _Layout:
     ``NT`` is the chunk count of every sequence without ``cu_seqlens``; ``n_chunks`` counts the
     chunks of the whole batch and ``n_seqs`` the sequences. With ``cu_seqlens``, ``chunk_indices``
     ``[n_chunks, 2]`` holds every chunk's sequence and position in it and ``chunk_offsets``
-    ``[n_seqs]`` every sequence's first chunk (both int32).
+    ``[n_seqs]`` every sequence's first chunk (both int32). The chunk states get
+    ``state_rows(B, T, n_seqs)`` rows, a bound on ``n_chunks`` known from the shapes alone.
     """
 
     T: int
@@ -94,6 +96,15 @@ class _Layout:
     @property
     def varlen(self) -> bool:
         return self.cu_seqlens is not None
+
+
+def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
+    """Rows of the chunk-state buffers: the chunk count, or with ``cu_seqlens`` its bound ``T // CHUNK + N``.
+
+    Every one of ``N`` packed sequences adds at most one partial chunk, so the bound holds whatever
+    the boundaries; it depends on shapes only, as ``torch.compile``'s fake tensors need.
+    """
+    return B * _cdiv(T, CHUNK) if cu_seqlens is None else T // CHUNK + cu_seqlens.shape[0] - 1
 
 
 def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> _Layout:
@@ -140,9 +151,10 @@ def _chunk_states(
     BK: int,
     BV: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 state entering every chunk ``[n_chunks, H, K, V]`` and the final states ``[n_seqs, H, K, V]``."""
-    H, K, V = k.shape[2], k.shape[3], v.shape[3]
-    h = k.new_empty(layout.n_chunks, H, K, V, dtype=torch.float32)
+    """The float32 state entering every chunk ``[state_rows, H, K, V]`` and the final states ``[n_seqs, H, K, V]``."""
+    B, T, H, K = k.shape
+    V = v.shape[3]
+    h = k.new_empty(state_rows(B, T, layout.cu_seqlens), H, K, V, dtype=torch.float32)
     ht = k.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     _kernels().chunk_states_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
@@ -191,7 +203,9 @@ def decayed_attention_forward(
         block_v: tile of the value channels (a power of two >= 16); None picks one per kernel.
 
     Returns:
-        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final states ``[N, H, K, V]`` float32.
+        ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype, the final states ``[N, H, K, V]`` float32,
+        and for the backward the chunk states ``[state_rows, H, K, V]`` and in-chunk scores
+        ``[B, T, H, CHUNK]`` (both float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -209,7 +223,7 @@ def decayed_attention_forward(
             BT=CHUNK, BK=BK, BV=BV, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
             **LAUNCH["output"],
         )
-    return o, final_state
+    return o, final_state, h, A
 
 
 def decayed_attention_backward(
@@ -221,17 +235,21 @@ def decayed_attention_backward(
     initial_state: torch.Tensor | None,
     do: torch.Tensor,
     dfinal_state: torch.Tensor | None,
+    h: torch.Tensor,
+    A: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels; the chunk states and scores are recomputed, not stored by the forward.
+    """Launch the backward kernels on the chunk states and scores that the forward kept.
 
     Args:
         q, k, v, log_gamma, scale, initial_state, cu_seqlens: the forward's arguments (see
             ``decayed_attention_forward``).
         do: gradient of ``o``, ``[B, T, H, V]``.
         dfinal_state: gradient of the final states ``[N, H, K, V]``, or None for zeros.
+        h: the forward's chunk states, ``[state_rows, H, K, V]`` float32.
+        A: the forward's in-chunk scores, ``[B, T, H, CHUNK]`` float32.
         block_k: tile of the key channels (a power of two >= 16); None picks one per kernel.
         block_v: tile of the value channels (a power of two >= 16); None picks one per kernel.
 
@@ -251,8 +269,6 @@ def decayed_attention_backward(
         layout = _layout(B, T, cu_seqlens)
         varlen = dict(cu_seqlens=layout.cu_seqlens, T=T, NT=layout.NT, IS_VARLEN=layout.varlen)
         decay, const = _chunk_decay(log_gamma, layout, H, K)
-        h, _ = _chunk_states(k, v, decay, const, initial_state, layout, BK, BV)
-        A = _chunk_scores(q, k, decay, const, layout, BK_inside)
         dh = torch.empty_like(h)
         dh0 = q.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
         dht = None if dfinal_state is None else dfinal_state.float().contiguous()
@@ -297,8 +313,8 @@ def _forward_op(
     scale: float,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o, final_state)``, see ``decayed_attention_forward``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, final_state, chunk_states, scores)``, see ``decayed_attention_forward``."""
     return decayed_attention_forward(q, k, v, log_gamma, scale, initial_state, cu_seqlens)
 
 
@@ -309,8 +325,11 @@ def _n_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
 
 @_forward_op.register_fake
 def _forward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens):
-    _, _, H, K = q.shape
-    return v.new_empty(v.shape), q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    final_state = q.new_empty(_n_seqs(q, cu_seqlens), H, K, V, dtype=torch.float32)
+    h = q.new_empty(state_rows(B, T, cu_seqlens), H, K, V, dtype=torch.float32)
+    return v.new_empty(v.shape), final_state, h, q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
 
 
 @torch.library.custom_op("linmix::decayed_attention_bwd", mutates_args=())
@@ -324,29 +343,41 @@ def _backward_op(
     cu_seqlens: torch.Tensor | None,
     do: torch.Tensor,
     dfinal_state: torch.Tensor | None,
+    h: torch.Tensor,
+    A: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_gamma, dinitial_state)``, see ``decayed_attention_backward``."""
-    return decayed_attention_backward(q, k, v, log_gamma, scale, initial_state, do, dfinal_state, cu_seqlens)
+    return decayed_attention_backward(q, k, v, log_gamma, scale, initial_state, do, dfinal_state, h, A, cu_seqlens)
 
 
 @_backward_op.register_fake
-def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state):
+def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state, h, A):
     _, _, H, K = q.shape
     dh0 = q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_gamma.new_empty(log_gamma.shape), dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """Keep the forward's inputs: the backward recomputes the chunk states from them."""
+    """Keep the forward's inputs, chunk states and scores for the backward."""
     q, k, v, log_gamma, scale, initial_state, cu_seqlens = inputs
-    ctx.save_for_backward(q, k, v, log_gamma, initial_state, cu_seqlens)
+    _, _, h, A = output
+    ctx.save_for_backward(q, k, v, log_gamma, initial_state, cu_seqlens, h, A)
     ctx.scale = scale
+    ctx.set_materialize_grads(False)  # unused outputs send None, not zeros the size of the chunk states
 
 
-def _backward(ctx, do, dfinal_state):
-    """Gradients of the forward op's inputs (none for ``scale``, ``cu_seqlens`` and an absent initial state)."""
-    q, k, v, log_gamma, initial_state, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dg, dh0 = _backward_op(q, k, v, log_gamma, ctx.scale, initial_state, cu_seqlens, do, dfinal_state)
+def _backward(ctx, do, dfinal_state, dh, dA):
+    """Gradients of the forward op's inputs (none for ``scale``, ``cu_seqlens`` and an absent initial state).
+
+    The chunk states and scores are outputs only so that the backward can reuse them; nothing
+    downstream reads them, so their gradients ``dh`` and ``dA`` are None and ignored.
+    """
+    q, k, v, log_gamma, initial_state, cu_seqlens, h, A = ctx.saved_tensors
+    if do is None:  # only the final state was used
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dh0 = _backward_op(
+        q, k, v, log_gamma, ctx.scale, initial_state, cu_seqlens, do, dfinal_state, h, A
+    )
     return dq, dk, dv, dg, None, (None if initial_state is None else dh0.to(initial_state.dtype)), None
 
 
@@ -388,5 +419,5 @@ def triton_decayed_attention(
         if cu_seqlens is None:
             return chunk_decayed_attention(*args)
         return per_sequence_decayed_attention(chunk_decayed_attention, *args, cu_seqlens)
-    o, final_state = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
+    o, final_state, _, _ = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

@@ -145,13 +145,6 @@ def _mm(a, b, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
 
 
-@triton.jit
-def _chunk_scores(A, t0, eos, row_stride, BT: tl.constexpr):
-    """The causal ``[BT, BT]`` scores of a chunk (rows = queries, columns = keys), zero above the diagonal."""
-    pos = tl.arange(0, BT)
-    return tl.where(pos[None, :] <= pos[:, None], _load(A, t0, 0, row_stride, eos, BT, BT, BT), 0.0)
-
-
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_cumsum_kernel(g, c, cu_seqlens, chunk_indices, T, NT, H, K, BT: tl.constexpr, BK: tl.constexpr,
                         IS_VARLEN: tl.constexpr):
@@ -208,8 +201,8 @@ def chunk_scores_kernel(
 ):
     """The scores of one sub-block's queries against the keys of their chunk up to the sub-block's end.
 
-    Grid ``(BT // BC, NC, H)``; loops over ``K`` in tiles of ``BK``. Writes ``A[rows, :(blk + 1) BC]``
-    (the entries above the diagonal inside the sub-block as 0); the rest of the row is not written.
+    Grid ``(BT // BC, NC, H)``; loops over ``K`` in tiles of ``BK``. Writes the sub-block's rows of
+    ``A`` whole, with zeros above the diagonal.
     """
     i_c, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
@@ -238,6 +231,8 @@ def chunk_scores_kernel(
                 before += _mm(q_from_m, tl.trans(k_to_m), PRECISION, DOT_DTYPE)
         _store(A, before, r0, 0, H * BT, eos, i_c * BC, BC, BT)
         _store(A + i_c * BC, inside, r0, 0, H * BT, eos, BC, BC, BC)
+        after = tl.zeros([BC, BT], dtype=tl.float32)  # the later keys of the chunk: no score
+        _store(A + (i_c + 1) * BC, after, r0, 0, H * BT, eos, BT - (i_c + 1) * BC, BC, BT)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
@@ -264,7 +259,7 @@ def chunk_output_kernel(
         state = _load(h, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
         out += _mm(q_c * _decay_factor(c_c), state, PRECISION, DOT_DTYPE)
     v_c = _load(v, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
-    out += _mm(_chunk_scores(A, t0, eos, H * BT, BT), v_c, PRECISION, DOT_DTYPE)
+    out += _mm(_load(A, t0, 0, H * BT, eos, BT, BT, BT), v_c, PRECISION, DOT_DTYPE)
     _store(o, out * scale, t0, cv0, H * V, eos, V, BT, BV)
 
 
@@ -358,7 +353,7 @@ def chunk_dv_kernel(
         dstate = _load(dh, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
         out += _mm(k_c * _decay_factor(c_last[None, :] - c_c), dstate, PRECISION, DOT_DTYPE)
     do_c = _load(do, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
-    scores = _chunk_scores(A, t0, eos, H * BT, BT)  # [BT, BT]
+    scores = _load(A, t0, 0, H * BT, eos, BT, BT, BT)  # [BT, BT], zero above the diagonal
     out += scale * _mm(tl.trans(scores), do_c, PRECISION, DOT_DTYPE)
     _store(dv, out, t0, cv0, H * V, eos, V, BT, BV)
 
