@@ -329,3 +329,23 @@ def test_gpu_packed_sequences_match_naive(dtype):
     ref = run("naive", inputs, cotangents, torch.float64, cu_seqlens=cu_seqlens)
     out = run("triton", inputs, cotangents, dtype, fn=triton_decayed_attention, cu_seqlens=cu_seqlens)
     assert_all_close(ref, out, **(FP32 if dtype == torch.float32 else dict(ratio=1e-2)))
+
+
+def test_k2_layer_compiles_without_graph_break():
+    """A whole K2 mixer (Toeplitz Kbase, Triton decay path) under ``fullgraph=True``, forward and backward."""
+    from linmix.layers.k2 import K2Config, K2Mixer
+
+    torch.manual_seed(0)
+    layer = K2Mixer(K2Config(d_model=32, rank=16, kbase="toeplitz", kbase_taps=8, decay_backend="triton")).to(DEVICE)
+    x = torch.randn(2, 70, 32, device=DEVICE, requires_grad=True)
+
+    def loss(x):
+        y, _ = layer(x)
+        return y.square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    params = [x, *layer.parameters()]
+    eager_grads = torch.autograd.grad(loss(x), params)
+    compiled_grads = torch.autograd.grad(compiled(x), params)
+    for i, (ref, out) in enumerate(zip(eager_grads, compiled_grads, strict=True)):
+        assert_close(f"grad {i}", ref, out, ratio=1e-6)
