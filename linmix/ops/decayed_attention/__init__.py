@@ -102,7 +102,8 @@ def decayed_attention(
 
     ``S_t = diag(exp(log_gamma_t)) S_{t-1} + k_t v_t^T`` with ``S_0 = initial_state`` (zeros if None),
     and ``o_t = scale * S_t^T q_t``: the current position is included. fp16/bf16 inputs are
-    computed in float32, float64 inputs in float64.
+    computed in float32, float64 inputs in float64 (on the ``"chunk"`` form for the ``"triton"``
+    and ``"fla"`` backends, whose kernels stop at float32).
 
     With ``cu_seqlens`` (FlashAttention's and fla's convention) the batch holds ``N`` sequences
     packed along T with ``B = 1``; each runs as if alone, its state starting from its row of
@@ -135,6 +136,8 @@ def decayed_attention(
     if backend == "auto":
         backend = _auto_backend(q)
     dtype = compute_dtype(q.dtype)
+    if dtype == torch.float64 and backend in NATIVE_DTYPE_BACKENDS:  # their kernels compute in float32 at most
+        backend = "chunk"
     io_dtype = q.dtype if backend in NATIVE_DTYPE_BACKENDS else dtype
     if initial_state is not None:
         initial_state = initial_state.to(dtype)

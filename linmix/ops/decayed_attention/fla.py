@@ -11,9 +11,6 @@ import importlib
 
 import torch
 
-from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
-from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
-
 
 @functools.cache
 def _chunk_gla():
@@ -34,7 +31,7 @@ def fla_decayed_attention(
     """Decayed attention through ``fla.ops.gla.chunk_gla`` (CUDA tensors only).
 
     Inputs are validated (see ``decayed_attention``): q/k/v in their own dtype, ``log_gamma`` and
-    ``initial_state`` in float32. float64 inputs run the chunked PyTorch form instead, in float64.
+    ``initial_state`` in float32.
 
     Args:
         q: queries, ``[B, T, H, K]``.
@@ -55,11 +52,6 @@ def fla_decayed_attention(
     """
     if not q.is_cuda:
         raise ValueError(f"backend 'fla' needs CUDA tensors, got {q.device} (fla's kernels run on CUDA only)")
-    if q.dtype == torch.float64:
-        args = (q, k, v, log_gamma, scale, initial_state, output_final_state)
-        if cu_seqlens is None:
-            return chunk_decayed_attention(*args)
-        return per_sequence_decayed_attention(chunk_decayed_attention, *args, cu_seqlens)
     g = log_gamma.expand(q.shape) if log_gamma.dim() == 2 else log_gamma  # [B, T, H, K]
     return _chunk_gla()(
         q,

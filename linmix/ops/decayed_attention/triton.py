@@ -19,8 +19,6 @@ import os
 import torch
 
 from linmix.ops._triton import launch_device
-from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
-from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
 
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
@@ -397,8 +395,7 @@ def triton_decayed_attention(
     """Decayed attention on the Triton kernels (CUDA tensors, or any under ``TRITON_INTERPRET=1``).
 
     Inputs are validated (see ``decayed_attention``). The kernels compute in float32 from float32,
-    bfloat16 or float16 inputs; float64 inputs run the chunked PyTorch form instead, in float64
-    (one sequence at a time when packed).
+    bfloat16 or float16 inputs.
 
     Args:
         q: queries, ``[B, T, H, K]``.
@@ -414,10 +411,5 @@ def triton_decayed_attention(
         ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final states ``[N, H, K, V]``
         float32 (or None).
     """
-    if q.dtype == torch.float64:
-        args = (q, k, v, log_gamma, scale, initial_state, output_final_state)
-        if cu_seqlens is None:
-            return chunk_decayed_attention(*args)
-        return per_sequence_decayed_attention(chunk_decayed_attention, *args, cu_seqlens)
     o, final_state, _, _ = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)
