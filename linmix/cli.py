@@ -298,6 +298,26 @@ def cmd_bench_decode(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    """Train each preset and the baseline for a few steps at each batch size; print tokens/s and the
+    ratio to the baseline, optionally write JSON."""
+    from linmix.bench import format_train_report, plan_train, run_train, write_json
+
+    try:
+        plan = plan_train(
+            args.presets, baseline=None if args.baseline == "none" else args.baseline,
+            context_length=args.context_length, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
+            compile=args.compile, device=args.device, overrides=_parse_overrides(args.set),
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    report = run_train(plan, progress=not args.no_progress)
+    print(format_train_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `linmix` command."""
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
@@ -381,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark an op's backends against baselines (correctness-gated), or decoding",
         description="Gate every backend against the op's float64 reference on a small shape, then time it on "
                     "each shape and mode beside the baselines of the same run. Exits 1 if a backend fails the gate. "
-                    "`linmix bench decode` benchmarks step-by-step decoding instead (see its --help).",
+                    "`linmix bench decode` benchmarks step-by-step decoding instead, and `linmix bench train` "
+                    "training throughput (see their --help).",
     )
     bench.add_argument("--list", action="store_true", help="list the ops, their backends and shape sets")
     bench.add_argument("--op", help="decayed_attention, k2_layer or causal_kernel")
@@ -401,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-gbps", type=float, help="memory roof in GB/s (default: H100 HBM3, 3350, on CUDA)")
     bench.set_defaults(run=cmd_bench)
 
-    bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode}")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode,train}")
     decode = bench_commands.add_parser(
         "decode", help="per-token latency and decoding-state memory against generated tokens",
         description="Prefill a short random prompt, then generate step by step with each preset and with an "
@@ -429,6 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--plot", metavar="OUT.png", help="draw ms/token and memory against generated tokens")
     decode.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     decode.set_defaults(run=cmd_bench_decode)
+
+    train_bench = bench_commands.add_parser(
+        "train", help="training tokens/s of presets against a baseline preset, in one run",
+        description="Train each preset and the baseline through the Trainer on random tokens, at a context "
+                    "length that becomes every model's own, for --warmup untimed then --steps timed optimizer "
+                    "steps at each batch size; report steady tokens/s and the ratio to the baseline.",
+    )
+    train_bench.add_argument("--presets", type=_csv(str), help="comma list (default kops-ts-linear-long)")
+    train_bench.add_argument("--baseline", default="kops-ts-v2",
+                             help="preset of the ratios, or none (default kops-ts-v2)")
+    train_bench.add_argument("--context-length", type=int, required=True,
+                             help="training window T, each model's context")
+    train_bench.add_argument("--batch-sizes", type=_csv(int), required=True, help="comma list of windows per step")
+    train_bench.add_argument("--steps", type=int, default=50, help="timed optimizer steps per run (default 50)")
+    train_bench.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    train_bench.add_argument("--compile", action="store_true", help="train through torch.compile")
+    train_bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
+    train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="model-config field for every model, e.g. decay_backend=chunk (repeatable)")
+    train_bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, rows)")
+    train_bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train_bench.set_defaults(run=cmd_bench_train)
     return parser
 
 

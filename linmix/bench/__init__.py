@@ -1,6 +1,7 @@
 """Benchmarks of the ops and layers: a registry of ops and backends, timers, a correctness-gated
 sweep runner that prints a table and writes JSON, and a time-versus-length plot; and a decoding
-benchmark of per-token latency and state memory against generated tokens."""
+benchmark of per-token latency and state memory against generated tokens; and a training-throughput
+benchmark of presets against a baseline preset."""
 
 from linmix.bench.decode import format_decode_report, plan_decode, run_decode
 from linmix.bench.plot import plot_decode, plot_times
@@ -15,6 +16,7 @@ from linmix.bench.runner import (
     write_json,
 )
 from linmix.bench.timing import Timing, measure
+from linmix.bench.train import format_train_report, plan_train, run_train
 
 __all__ = [
     "OPS",
@@ -26,17 +28,20 @@ __all__ = [
     "format_decode_report",
     "format_op_list",
     "format_report",
+    "format_train_report",
     "gate_backend",
     "get_op",
     "measure",
     "mode_cost",
     "plan_benchmark",
     "plan_decode",
+    "plan_train",
     "plot_decode",
     "plot_times",
     "register_backend",
     "run_benchmark",
     "run_decode",
+    "run_train",
     "shape_label",
     "write_json",
 ]
