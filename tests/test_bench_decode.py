@@ -10,6 +10,7 @@ import torch
 from linmix.bench import decode
 from linmix.bench.decode import DEFAULT_CHECKPOINTS, build_baseline, plan_decode, run_decode, state_bytes
 from linmix.cli import main
+from linmix.layers import attention
 
 CHECKPOINTS = [16, 32, 64]
 PROMPT = 4
@@ -34,7 +35,7 @@ def cli_report(tmp_path_factory, one_thread):
     """The report and plot of `linmix bench decode` with kops-ts-linear against nanogpt-ts, 64 tokens."""
     out = tmp_path_factory.mktemp("decode")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decode, "KV_PAGE", KV_PAGE)
+        patch.setattr(attention, "KV_PAGE", KV_PAGE)
         code = main(["bench", "decode", *CPU_RUN, "--json", str(out / "decode.json"), "--plot",
                      str(out / "decode.png")])
     assert code == 0
@@ -89,8 +90,8 @@ def test_plot_is_a_png(cli_report):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_growing_kv_cache_decodes_the_attention_forward(monkeypatch):
-    monkeypatch.setattr(decode, "KV_PAGE", KV_PAGE)  # the cache grows in both prefills and 3 steps
+def test_unbounded_attention_decodes_the_attention_forward(monkeypatch):
+    monkeypatch.setattr(attention, "KV_PAGE", KV_PAGE)  # the cache grows in both prefills and 3 steps
     torch.manual_seed(0)
     baseline = build_baseline("nanogpt-ts", 64, TINY_GPT).model.double().eval()
     idx = torch.randint(65, (2, 23))
@@ -120,7 +121,7 @@ def test_sampled_batched_decoding_with_tiny_models():
 
 def test_prefill_reaches_the_same_states(cli_report, monkeypatch):
     monkeypatch.setattr(decode, "PREFILL_CHUNK", 5)  # several prefill calls per checkpoint
-    monkeypatch.setattr(decode, "KV_PAGE", KV_PAGE)
+    monkeypatch.setattr(attention, "KV_PAGE", KV_PAGE)
     plan = plan_decode(max_tokens=64, checkpoints=CHECKPOINTS, window=8, prompt_tokens=PROMPT, dtype="fp32",
                        device="cpu", prefill=True)
     report = run_decode(plan)

@@ -12,9 +12,8 @@ bytes of the decoding state the model carries between steps, and on CUDA the all
 The baseline, measured in the same run, is a softmax-attention transformer preset decoding with
 a KV cache. Its learned absolute positions are removed (no positional encoding at all, NoPE), so
 that it can decode past the preset's context length; the cost of a step does not depend on the
-weights. Its attention layers keep a growing KV cache (``GrowingKVAttention``): written in place
-and grown a page at a time, rather than the mixer's own cache, which is preallocated to
-``context_length`` and copied whole at every step.
+weights. Its attention layers (``UnboundedAttention``) keep the mixer's KV cache, written in place
+and grown a page at a time, with no length limit.
 """
 
 from __future__ import annotations
@@ -24,16 +23,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 from tqdm.auto import tqdm
 
 from linmix.bench.registry import INPUT_SEED
 from linmix.bench.runner import DTYPES, machine_info
 from linmix.bench.timing import QUANTILES, Timing
-from linmix.layers import CausalSelfAttention
+from linmix.layers import CausalSelfAttention, attention
 from linmix.models import build, get_preset
 from linmix.models.generate import sample_next
 
@@ -42,62 +38,17 @@ DEFAULT_WINDOW = 64  # steps timed per checkpoint, ending at the checkpoint
 DEFAULT_PROMPT_TOKENS = 16
 DEFAULT_BASELINE = "nanogpt-ts"
 PREFILL_CHUNK = 2048  # tokens per prefill call when --prefill reaches the checkpoints
-KV_PAGE = 64  # the growing KV cache is allocated in multiples of this many positions
-# cuDNN attention builds an execution plan for every new key length, about 6 ms a call on an H100
-# (measured with torch 2.11), so the growing cache leaves it out.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MIB = 2**20
 
 
-class GrowingKVAttention(CausalSelfAttention):
-    """The attention mixer with a KV cache that grows with the sequence and has no length limit.
-
-    Keys and values are written in place into a ``[B, H, capacity, head_dim]`` buffer that grows
-    by one page of ``KV_PAGE`` positions when full (the cache is copied then, once per page), so a
-    step reads the cached positions once and the state holds the positions seen rounded up to a
-    page. Attention runs on the flash, memory-efficient or math kernels (``SDPA_BACKENDS``). The
-    state passed in is updated in place: an earlier state does not stay valid after a later step.
-    """
+class UnboundedAttention(CausalSelfAttention):
+    """The attention mixer without a length limit: its KV cache (see ``CausalSelfAttention``) grows
+    a page at a time for as long as the sequence goes on."""
 
     @property
     def window(self) -> float:
         """No capacity limit."""
         return math.inf
-
-    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict:
-        """An empty cache of capacity 0."""
-        heads = self.config.n_heads
-        shape = (batch_size, heads, 0, self.config.d_model // heads)
-        return {"position": 0, "keys": torch.empty(shape, device=device, dtype=dtype),
-                "values": torch.empty(shape, device=device, dtype=dtype)}
-
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
-        """x [B, T, d] -> (y [B, T, d], state). With a state, the new keys and values join the cache."""
-        if state is None:
-            return super().forward(x)
-        batch, length, d = x.shape
-        q, k, v = (self._split_heads(t) for t in self.qkv_proj(x).split(d, dim=-1))  # [B, H, T, hd]
-        start, end = state["position"], state["position"] + length
-        keys, values = _reserve(state["keys"], end), _reserve(state["values"], end)
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        mask = causal_lower_right(length, end) if length > 1 else None  # query i sees keys 0..start + i
-        dropout = self.config.dropout if self.training else 0.0
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                 dropout_p=dropout)  # [B, H, T, hd]
-        out = out.transpose(1, 2).reshape(batch, length, d)
-        return self.out_proj(out), {"position": end, "keys": keys, "values": values}
-
-
-def _reserve(cache: torch.Tensor, positions: int) -> torch.Tensor:
-    """``cache`` [B, H, capacity, hd], or a copy of it with room for ``positions`` (whole pages)."""
-    capacity = cache.shape[2]
-    if positions <= capacity:
-        return cache
-    grown = cache.new_empty((*cache.shape[:2], -(-positions // KV_PAGE) * KV_PAGE, cache.shape[3]))
-    grown[:, :, :capacity] = cache
-    return grown
 
 
 @dataclass
@@ -172,7 +123,7 @@ def _model_entry(name: str, overrides: dict, positions: int) -> DecodeModel:
 
 
 def build_baseline(name: str, positions: int, overrides: dict | None = None) -> DecodeModel:
-    """An attention preset without learned positions, its mixers swapped for ``GrowingKVAttention``.
+    """An attention preset without learned positions, its mixers swapped for ``UnboundedAttention``.
 
     Args:
         name: a preset whose model has mixer "attention" (e.g. "nanogpt-ts").
@@ -191,11 +142,11 @@ def build_baseline(name: str, positions: int, overrides: dict | None = None) -> 
     fields = {**(overrides or {}), "position_embedding": False, "context_length": positions}
     model = _seeded(lambda: build(name, **fields))
     for block in model.blocks:
-        growing = GrowingKVAttention(block.mixer.config)
-        growing.load_state_dict(block.mixer.state_dict())
-        block.mixer = growing
-    description = (f"{name} without learned positions (NoPE); KV cache written in place, grown {KV_PAGE} positions "
-                   f"at a time ({preset.description})")
+        unbounded = UnboundedAttention(block.mixer.config)
+        unbounded.load_state_dict(block.mixer.state_dict())
+        block.mixer = unbounded
+    description = (f"{name} without learned positions (NoPE); KV cache written in place, grown {attention.KV_PAGE} "
+                   f"positions at a time ({preset.description})")
     return DecodeModel(f"{name}-nope", "baseline", name, model, description)
 
 
