@@ -32,3 +32,26 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     if max_abs <= atol or rel <= ratio:
         return
     raise AssertionError(f"{name}: relative RMS error {rel:.3e} exceeds {ratio:.1e} (max abs error {max_abs:.3e})")
+
+
+def assert_all_close(ref: dict, out: dict, ratio: float, atol: float = 1e-6) -> None:
+    """``assert_close`` on every entry of two result dicts with the same keys."""
+    assert ref.keys() == out.keys()
+    for name, expected in ref.items():
+        assert_close(name, expected, out[name], ratio, atol=atol)
+
+
+def outputs_and_grads(leaves: dict, o: torch.Tensor, final_state: torch.Tensor, cotangents: dict) -> dict:
+    """``o``, the final state and the gradient ``d<name>`` of every leaf under the cotangents' loss.
+
+    Args:
+        leaves: name -> input tensor that requires grad (the op's inputs).
+        o: the op's output.
+        final_state: the op's final state.
+        cotangents: ``{"o": ..., "final_state": ...}``, weights of the scalar loss.
+    """
+    loss = (o * cotangents["o"].to(o)).sum() + (final_state * cotangents["final_state"].to(final_state)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    result = {"o": o.detach(), "final_state": final_state.detach()}
+    result.update({f"d{name}": grad for name, grad in zip(leaves, grads, strict=True)})
+    return result

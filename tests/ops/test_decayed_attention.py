@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_all_close, assert_close, outputs_and_grads
 
 from linmix.ops import decayed_attention, decayed_attention_step
 
@@ -59,18 +59,7 @@ def run(backend: str, inputs: dict, cotangents: dict, dtype=torch.float64, scale
         output_final_state=True,
         backend=backend,
     )
-    loss = (o * cotangents["o"].to(o.dtype)).sum()
-    loss = loss + (final_state * cotangents["final_state"].to(final_state.dtype)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    result = {"o": o.detach(), "final_state": final_state.detach()}
-    result.update({f"d{name}": g for name, g in zip(leaves, grads, strict=True)})
-    return result
-
-
-def assert_all_close(ref: dict, out: dict, ratio: float, atol: float = 1e-6) -> None:
-    assert ref.keys() == out.keys()
-    for name in ref:
-        assert_close(name, ref[name], out[name], ratio, atol=atol)
+    return outputs_and_grads(leaves, o, final_state, cotangents)
 
 
 @functools.cache

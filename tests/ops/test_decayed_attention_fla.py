@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_all_close
 
 from linmix.ops import decayed_attention
 from linmix.ops.decayed_attention import BACKENDS
@@ -67,12 +67,6 @@ def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, cu_seq
     result = {"o": o.detach(), "final_state": final_state.detach()}
     result.update({f"d{name}": g for name, g in zip(leaves, grads, strict=True)})
     return result
-
-
-def assert_all_close(ref: dict, out: dict, ratio: float) -> None:
-    assert ref.keys() == out.keys()
-    for name, expected in ref.items():
-        assert_close(name, expected, out[name], ratio)
 
 
 def test_cpu_tensors_are_refused(monkeypatch):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_all_close, assert_close
 
 from linmix.ops import decayed_attention
 
@@ -87,12 +87,6 @@ def run(backend: str, inputs: dict, cotangents: dict, dtype: torch.dtype, fn=dec
     result = {"o": o.detach(), "final_state": final_state.detach()}
     result.update({f"d{name}": grad for name, grad in zip(leaves, grads, strict=True)})
     return result
-
-
-def assert_all_close(ref: dict, out: dict, ratio: float) -> None:
-    assert ref.keys() == out.keys()
-    for name in ref:
-        assert_close(name, ref[name], out[name], ratio)
 
 
 # (B, T, H, K, V, decay, with_h0): every length, both K and V, each decay regime, with and without h0.

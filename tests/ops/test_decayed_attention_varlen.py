@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_all_close, outputs_and_grads
 
 from linmix.ops import decayed_attention
 from linmix.ops.decayed_attention import BACKENDS
@@ -38,15 +38,6 @@ def make_case(bounds: list[int], per_token: bool, with_h0: bool, seed: int = 0) 
     return inputs, cotangents
 
 
-def _outputs_and_grads(leaves: dict, o: torch.Tensor, final_state: torch.Tensor, cotangents: dict) -> dict:
-    loss = (o * cotangents["o"].to(o.dtype)).sum()
-    loss = loss + (final_state * cotangents["final_state"].to(final_state.dtype)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    result = {"o": o.detach(), "final_state": final_state.detach()}
-    result.update({f"d{name}": g for name, g in zip(leaves, grads, strict=True)})
-    return result
-
-
 def _leaves(inputs: dict, dtype: torch.dtype) -> dict:
     return {name: x.detach().to(dtype).requires_grad_() for name, x in inputs.items()}
 
@@ -65,7 +56,7 @@ def run_packed(backend: str, inputs: dict, cotangents: dict, cu_seqlens: torch.T
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
-    return _outputs_and_grads(leaves, o, final_state, cotangents)
+    return outputs_and_grads(leaves, o, final_state, cotangents)
 
 
 def run_separately(inputs: dict, cotangents: dict, bounds: list[int]) -> dict:
@@ -87,13 +78,7 @@ def run_separately(inputs: dict, cotangents: dict, bounds: list[int]) -> dict:
         )
         outputs.append(o)
         final_states.append(final_state)
-    return _outputs_and_grads(leaves, torch.cat(outputs, dim=1), torch.cat(final_states, dim=0), cotangents)
-
-
-def assert_all_close(ref: dict, out: dict, ratio: float, atol: float = 1e-6) -> None:
-    assert ref.keys() == out.keys()
-    for name, expected in ref.items():
-        assert_close(name, expected, out[name], ratio, atol=atol)
+    return outputs_and_grads(leaves, torch.cat(outputs, dim=1), torch.cat(final_states, dim=0), cotangents)
 
 
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
@@ -129,7 +114,7 @@ def test_one_sequence_equals_plain_call(backend, per_token):
         output_final_state=True,
         backend=backend,
     )
-    plain = _outputs_and_grads(plain_leaves, o, final_state, cotangents)
+    plain = outputs_and_grads(plain_leaves, o, final_state, cotangents)
     packed = run_packed(backend, inputs, cotangents, torch.tensor([0, T], dtype=torch.int64))
     assert_all_close(plain, packed, **F64)
 
