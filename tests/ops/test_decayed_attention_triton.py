@@ -146,8 +146,8 @@ def test_tiles_over_keys_and_values():
         x.to(DEVICE, torch.float32) for x in (*inputs.values(), *cotangents.values())
     )
     tiles = dict(block_k=16, block_v=16)
-    o, final_state, chunk_states, scores = decayed_attention_forward(q, k, v, log_gamma, SCALE, h0, **tiles)
-    grads = decayed_attention_backward(q, k, v, log_gamma, SCALE, h0, do, dfinal, chunk_states, scores, **tiles)
+    o, final_state, *kept = decayed_attention_forward(q, k, v, log_gamma, SCALE, h0, **tiles)
+    grads = decayed_attention_backward(q, k, v, log_gamma, SCALE, h0, do, dfinal, *kept, **tiles)
     out = dict(zip(("dq", "dk", "dv", "dlog_gamma", "dinitial_state"), grads, strict=True))
     assert_all_close(ref, {"o": o, "final_state": final_state, **out}, **FP32)
 
@@ -222,8 +222,8 @@ def test_custom_ops_pass_opcheck(packed):
         forward_args = (*forward_args[:5], forward_args[5].expand(2, -1, -1, -1).contiguous())
     forward_args = (*forward_args, cu_seqlens)
     torch.library.opcheck(torch.ops.linmix.decayed_attention_fwd.default, forward_args)
-    _, _, chunk_states, scores = torch.ops.linmix.decayed_attention_fwd(*forward_args)
-    backward_args = (*forward_args, do, None, chunk_states.detach(), scores.detach())
+    _, _, *kept = torch.ops.linmix.decayed_attention_fwd(*forward_args)
+    backward_args = (*forward_args, do, None, *(x.detach() for x in kept))
     torch.library.opcheck(torch.ops.linmix.decayed_attention_bwd.default, backward_args)
 
 

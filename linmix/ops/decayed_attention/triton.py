@@ -1,11 +1,12 @@
 """Decayed attention on fused Triton kernels, wrapped as ``torch.library`` custom ops.
 
-The forward runs the state recurrence over chunks of 64 positions (``chunk_states_kernel``), the
-in-chunk scores (``chunk_scores_kernel``) and then every chunk's output in parallel
-(``chunk_output_kernel``). It keeps the chunk states and scores for the backward (float32, about
-``4 K V / 64 + 256`` bytes per position and head), which therefore recomputes neither: it runs
-the state gradient backwards (``chunk_dstates_kernel``) and then ``dA``, ``dv`` and
-``dq, dk, dlog_gamma`` per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same
+The forward runs the state recurrence over chunks of 64 positions (``chunk_states_kernel``, which
+also sums a per-token log decay within every chunk), the in-chunk scores (``chunk_scores_kernel``)
+and then every chunk's output in parallel (``chunk_output_kernel``). It keeps the chunk states, the
+scores and the summed decays for the backward (float32, about ``4 K V / 64 + 256 + 4 K`` bytes per
+position and head), which therefore recomputes none of them: it runs the state gradient backwards
+(``chunk_dstates_kernel``) and then ``dA``, ``dv``, the in-chunk parts of ``dq, dk`` per sub-block
+and ``dq, dk, dlog_gamma`` per chunk in parallel. Packed sequences (``cu_seqlens``) run in the same
 launches. The ops ``linmix::decayed_attention_fwd`` and ``linmix::decayed_attention_bwd`` have
 fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through
 them without a graph break.
@@ -22,8 +23,7 @@ from linmix.ops._triton import launch_device
 
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
-MAX_BLOCK_K = 64  # largest tile of the key channels in the matrix-product kernels
-MAX_BLOCK_K_INSIDE = 32  # ... in the kernels that hold [16, 16, BK] in-block decays in registers
+MAX_BLOCK_K = 64  # largest tile of the key channels
 MAX_BLOCK_V = 64  # largest tile of the value channels
 # Warps and pipeline stages of every kernel (by name, without "chunk_" and "_kernel"): the fastest of
 # 4 or 8 warps and 1 to 3 stages on an H100 at fla's and the K2 layer's shapes (docs/PERFORMANCE.md).
@@ -34,8 +34,8 @@ LAUNCH = {
     "dstates": dict(num_warps=8, num_stages=1),
     "dscores": dict(num_warps=4, num_stages=2),
     "dv": dict(num_warps=4, num_stages=2),
-    "dqk": dict(num_warps=4, num_stages=1),
-    "dg": dict(num_warps=4, num_stages=2),
+    "dqk_intra": dict(num_warps=4, num_stages=1),
+    "dqk": dict(num_warps=8, num_stages=2),
 }
 
 
@@ -70,6 +70,18 @@ def _dot_options(dtype: torch.dtype) -> dict:
     if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
         return dict(PRECISION="ieee", DOT_DTYPE=tl.float32)
     return dict(PRECISION="tf32", DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+
+
+def _diagonal_options(dtype: torch.dtype) -> dict:
+    """``_dot_options`` plus how the products inside a sub-block multiply (``DIAG_PRECISION``, ``DIAG_DTYPE``).
+
+    Their operands carry factors up to ``exp(60)``, beyond float16's range, and feed ``dlog_gamma``,
+    whose sums cancel: 16-bit inputs multiply there in TF32 (float32 range, 10-bit mantissa).
+    """
+    options = _dot_options(dtype)
+    tl = importlib.import_module("triton.language")
+    precision = "tf32" if options["DOT_DTYPE"] != tl.float32 else options["PRECISION"]
+    return dict(options, DIAG_PRECISION=precision, DIAG_DTYPE=tl.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,46 +133,37 @@ def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> _Layout:
                    offsets.to(torch.int32).contiguous())
 
 
-def _chunk_decay(log_gamma: torch.Tensor, layout: _Layout, H: int, K: int) -> tuple[torch.Tensor, bool]:
-    """The decay operand of the kernels and whether it is constant.
-
-    Returns:
-        For ``[H, K]``: the contiguous constant log decay (the kernels compute ``c`` from it), ``True``.
-        For ``[B, T, H, K]``: the in-chunk cumulative log decay, same shape, float32, ``False``.
-    """
-    if log_gamma.dim() == 2:
-        return log_gamma.contiguous(), True
-    BK = _tile_size(K, None, MAX_BLOCK_K)
-    c = log_gamma.new_empty(log_gamma.shape, dtype=torch.float32)  # contiguous, as the kernels index it
-    _kernels().chunk_cumsum_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
-        log_gamma.contiguous(), c, layout.cu_seqlens, layout.chunk_indices, layout.T, layout.NT, H, K,
-        BT=CHUNK, BK=BK, IS_VARLEN=layout.varlen,
-    )
-    return c, False
-
-
 def _chunk_states(
     k: torch.Tensor,
     v: torch.Tensor,
-    decay: torch.Tensor,
-    const: bool,
+    log_gamma: torch.Tensor,
     initial_state: torch.Tensor | None,
     layout: _Layout,
     BK: int,
     BV: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 state entering every chunk ``[state_rows, H, K, V]`` and the final states ``[n_seqs, H, K, V]``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk states, the final states and the decay operand of the other kernels.
+
+    Returns:
+        The float32 state entering every chunk ``[state_rows, H, K, V]``, the final states
+        ``[n_seqs, H, K, V]`` and the decay: for a constant ``log_gamma [H, K]`` itself (contiguous;
+        the kernels expand it), for a per-token ``[B, T, H, K]`` its in-chunk cumulative sum
+        (float32, same shape).
+    """
     B, T, H, K = k.shape
     V = v.shape[3]
+    const = log_gamma.dim() == 2
+    log_gamma = log_gamma.contiguous()
+    decay = log_gamma if const else log_gamma.new_empty(log_gamma.shape, dtype=torch.float32)
     h = k.new_empty(state_rows(B, T, layout.cu_seqlens), H, K, V, dtype=torch.float32)
     ht = k.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     _kernels().chunk_states_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
-        k, v, decay, decay, h0, h, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, layout.NT, H, K, V,
+        k, v, log_gamma, decay, h0, h, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, layout.NT, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_H0=initial_state is not None, IS_VARLEN=layout.varlen,
         **_dot_options(k.dtype), **LAUNCH["states"],
     )
-    return h, ht
+    return h, ht, decay
 
 
 def _chunk_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, const: bool, layout: _Layout,
@@ -170,7 +173,7 @@ def _chunk_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, const: 
     A = q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
     _kernels().chunk_scores_kernel[(CHUNK // SUB_BLOCK, layout.n_chunks, H)](
         q, k, decay, decay, A, layout.cu_seqlens, layout.chunk_indices, layout.T, layout.NT, H, K,
-        BT=CHUNK, BC=SUB_BLOCK, BK=BK, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
+        BT=CHUNK, BC=SUB_BLOCK, BK=BK, CONST=const, IS_VARLEN=layout.varlen, **_diagonal_options(q.dtype),
         **LAUNCH["scores"],
     )
     return A
@@ -186,7 +189,7 @@ def decayed_attention_forward(
     cu_seqlens: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels.
 
     Args:
@@ -202,26 +205,26 @@ def decayed_attention_forward(
 
     Returns:
         ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype, the final states ``[N, H, K, V]`` float32,
-        and for the backward the chunk states ``[state_rows, H, K, V]`` and in-chunk scores
-        ``[B, T, H, CHUNK]`` (both float32).
+        and for the backward the chunk states ``[state_rows, H, K, V]``, the in-chunk scores
+        ``[B, T, H, CHUNK]`` and the in-chunk cumulative sum of a per-token ``log_gamma``
+        ``[B, T, H, K]`` (all float32; the sum is empty ``[0]`` for a constant decay).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
-    BK_inside = _tile_size(K, block_k, MAX_BLOCK_K_INSIDE)
+    const = log_gamma.dim() == 2
     with launch_device(q):
         layout = _layout(B, T, cu_seqlens)
-        decay, const = _chunk_decay(log_gamma, layout, H, K)
-        h, final_state = _chunk_states(k, v, decay, const, initial_state, layout, BK, BV)
-        A = _chunk_scores(q, k, decay, const, layout, BK_inside)
+        h, final_state, decay = _chunk_states(k, v, log_gamma, initial_state, layout, BK, BV)
+        A = _chunk_scores(q, k, decay, const, layout, BK)
         o = torch.empty_like(v)
         _kernels().chunk_output_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
             q, v, decay, decay, h, A, o, scale, layout.cu_seqlens, layout.chunk_indices, T, layout.NT, H, K, V,
             BT=CHUNK, BK=BK, BV=BV, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
             **LAUNCH["output"],
         )
-    return o, final_state, h, A
+    return o, final_state, h, A, (decay.new_empty(0, dtype=torch.float32) if const else decay)
 
 
 def decayed_attention_backward(
@@ -235,11 +238,12 @@ def decayed_attention_backward(
     dfinal_state: torch.Tensor | None,
     h: torch.Tensor,
     A: torch.Tensor,
+    cumulative_decay: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels on the chunk states and scores that the forward kept.
+    """Launch the backward kernels on the chunk states, scores and decays that the forward kept.
 
     Args:
         q, k, v, log_gamma, scale, initial_state, cu_seqlens: the forward's arguments (see
@@ -248,6 +252,8 @@ def decayed_attention_backward(
         dfinal_state: gradient of the final states ``[N, H, K, V]``, or None for zeros.
         h: the forward's chunk states, ``[state_rows, H, K, V]`` float32.
         A: the forward's in-chunk scores, ``[B, T, H, CHUNK]`` float32.
+        cumulative_decay: the forward's in-chunk cumulative sum of a per-token ``log_gamma`` (unused
+            for a constant one).
         block_k: tile of the key channels (a power of two >= 16); None picks one per kernel.
         block_v: tile of the value channels (a power of two >= 16); None picks one per kernel.
 
@@ -260,13 +266,13 @@ def decayed_attention_backward(
     V = v.shape[-1]
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
-    BK_inside = _tile_size(K, block_k, MAX_BLOCK_K_INSIDE)
+    const = log_gamma.dim() == 2
+    decay = log_gamma.contiguous() if const else cumulative_decay
     dots = _dot_options(q.dtype)
     kernels = _kernels()
     with launch_device(q):
         layout = _layout(B, T, cu_seqlens)
         varlen = dict(cu_seqlens=layout.cu_seqlens, T=T, NT=layout.NT, IS_VARLEN=layout.varlen)
-        decay, const = _chunk_decay(log_gamma, layout, H, K)
         dh = torch.empty_like(h)
         dh0 = q.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
         dht = None if dfinal_state is None else dfinal_state.float().contiguous()
@@ -275,27 +281,27 @@ def decayed_attention_backward(
             BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_DHT=dfinal_state is not None, **dots,
             **varlen, **LAUNCH["dstates"],
         )
-        per_chunk = dict(chunk_indices=layout.chunk_indices, H=H, BT=CHUNK, **dots, **varlen)
+        per_chunk = dict(chunk_indices=layout.chunk_indices, H=H, BT=CHUNK, **varlen)
         dA = torch.empty_like(A)
         kernels.chunk_dscores_kernel[(1, layout.n_chunks, H)](
-            v, do, dA, scale, V=V, BV=BV, **per_chunk, **LAUNCH["dscores"]
+            v, do, dA, scale, V=V, BV=BV, **per_chunk, **dots, **LAUNCH["dscores"]
         )
         dv = torch.empty_like(v)
         kernels.chunk_dv_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
-            k, decay, decay, do, dh, A, dv, scale, K=K, V=V, BK=BK, BV=BV, CONST=const, **per_chunk, **LAUNCH["dv"]
+            k, decay, decay, do, dh, A, dv, scale, K=K, V=V, BK=BK, BV=BV, CONST=const, **per_chunk, **dots,
+            **LAUNCH["dv"],
+        )
+        dq_inside = q.new_empty(B, T, H, K, dtype=torch.float32)
+        dk_inside = torch.empty_like(dq_inside)
+        kernels.chunk_dqk_intra_kernel[(_cdiv(K, BK), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
+            q, k, decay, decay, dA, dq_inside, dk_inside, K=K, BC=SUB_BLOCK, BK=BK, CONST=const, **per_chunk,
+            **_diagonal_options(q.dtype), **LAUNCH["dqk_intra"],
         )
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        x = q.new_empty(B, T, H, K, dtype=torch.float32)
-        y = torch.empty_like(x)
-        entering = q.new_empty(layout.n_chunks, H, K, dtype=torch.float32)
-        kernels.chunk_dqk_kernel[(_cdiv(K, BK_inside), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
-            q, k, v, decay, decay, h, do, dh, dA, dq, dk, x, y, entering, scale, K=K, V=V, BC=SUB_BLOCK,
-            BK=BK_inside, BV=BV, CONST=const, **per_chunk, **LAUNCH["dqk"],
-        )
         dg = q.new_empty(B, T, H, K, dtype=torch.float32 if const else log_gamma.dtype)
-        kernels.chunk_dg_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
-            x, y, entering, dg, layout.cu_seqlens, layout.chunk_indices, T, layout.NT, H, K, BT=CHUNK, BK=BK,
-            IS_VARLEN=layout.varlen, **LAUNCH["dg"],
+        kernels.chunk_dqk_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
+            q, k, v, decay, decay, h, do, dh, dA, dq_inside, dk_inside, dq, dk, dg, scale, K=K, V=V, BK=BK, BV=BV,
+            CONST=const, **per_chunk, **dots, **LAUNCH["dqk"],
         )
     if const:
         dg = dg.sum(dim=(0, 1)).to(log_gamma.dtype)  # [H, K]
@@ -311,8 +317,8 @@ def _forward_op(
     scale: float,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(o, final_state, chunk_states, scores)``, see ``decayed_attention_forward``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, final_state, chunk_states, scores, cumulative_decay)``, see ``decayed_attention_forward``."""
     return decayed_attention_forward(q, k, v, log_gamma, scale, initial_state, cu_seqlens)
 
 
@@ -327,7 +333,9 @@ def _forward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens):
     V = v.shape[-1]
     final_state = q.new_empty(_n_seqs(q, cu_seqlens), H, K, V, dtype=torch.float32)
     h = q.new_empty(state_rows(B, T, cu_seqlens), H, K, V, dtype=torch.float32)
-    return v.new_empty(v.shape), final_state, h, q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
+    A = q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
+    decay = q.new_empty(log_gamma.shape if log_gamma.dim() == 4 else (0,), dtype=torch.float32)
+    return v.new_empty(v.shape), final_state, h, A, decay
 
 
 @torch.library.custom_op("linmix::decayed_attention_bwd", mutates_args=())
@@ -343,38 +351,41 @@ def _backward_op(
     dfinal_state: torch.Tensor | None,
     h: torch.Tensor,
     A: torch.Tensor,
+    cumulative_decay: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_gamma, dinitial_state)``, see ``decayed_attention_backward``."""
-    return decayed_attention_backward(q, k, v, log_gamma, scale, initial_state, do, dfinal_state, h, A, cu_seqlens)
+    return decayed_attention_backward(
+        q, k, v, log_gamma, scale, initial_state, do, dfinal_state, h, A, cumulative_decay, cu_seqlens
+    )
 
 
 @_backward_op.register_fake
-def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state, h, A):
+def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state, h, A, cumulative_decay):
     _, _, H, K = q.shape
     dh0 = q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_gamma.new_empty(log_gamma.shape), dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """Keep the forward's inputs, chunk states and scores for the backward."""
+    """Keep the forward's inputs, chunk states, scores and decays for the backward."""
     q, k, v, log_gamma, scale, initial_state, cu_seqlens = inputs
-    _, _, h, A = output
-    ctx.save_for_backward(q, k, v, log_gamma, initial_state, cu_seqlens, h, A)
+    _, _, h, A, cumulative_decay = output
+    ctx.save_for_backward(q, k, v, log_gamma, initial_state, cu_seqlens, h, A, cumulative_decay)
     ctx.scale = scale
     ctx.set_materialize_grads(False)  # unused outputs send None, not zeros the size of the chunk states
 
 
-def _backward(ctx, do, dfinal_state, dh, dA):
+def _backward(ctx, do, dfinal_state, dh, dA, ddecay):
     """Gradients of the forward op's inputs (none for ``scale``, ``cu_seqlens`` and an absent initial state).
 
-    The chunk states and scores are outputs only so that the backward can reuse them; nothing
-    downstream reads them, so their gradients ``dh`` and ``dA`` are None and ignored.
+    The chunk states, scores and decays are outputs only so that the backward can reuse them;
+    nothing downstream reads them, so their gradients ``dh``, ``dA`` and ``ddecay`` are None and ignored.
     """
-    q, k, v, log_gamma, initial_state, cu_seqlens, h, A = ctx.saved_tensors
+    q, k, v, log_gamma, initial_state, cu_seqlens, h, A, cumulative_decay = ctx.saved_tensors
     if do is None:  # only the final state was used
         do = torch.zeros_like(v)
     dq, dk, dv, dg, dh0 = _backward_op(
-        q, k, v, log_gamma, ctx.scale, initial_state, cu_seqlens, do, dfinal_state, h, A
+        q, k, v, log_gamma, ctx.scale, initial_state, cu_seqlens, do, dfinal_state, h, A, cumulative_decay
     )
     return dq, dk, dv, dg, None, (None if initial_state is None else dh0.to(initial_state.dtype)), None
 
@@ -411,5 +422,5 @@ def triton_decayed_attention(
         ``o`` of shape ``[B, T, H, V]`` in ``v``'s dtype and the final states ``[N, H, K, V]``
         float32 (or None).
     """
-    o, final_state, _, _ = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
+    o, final_state, _, _, _ = _forward_op(q, k, v, log_gamma, float(scale), initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

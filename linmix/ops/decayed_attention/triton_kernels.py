@@ -5,22 +5,27 @@ positions. ``c[t, k]`` is the cumulative log decay from the start of the chunk u
 (inclusive); it is ``<= 0`` and does not increase along the chunk, so the decay between two
 positions ``s <= t`` of a chunk is ``exp(c[t] - c[s])`` with a non-positive exponent. A pair of
 sub-blocks ``I > J`` goes through a reference row ``m`` between them,
-``exp(c[t] - c[s]) = exp(c[t] - c[m]) exp(c[m] - c[s])``, so both factors stay ``<= 1``; pairs inside
-one sub-block are summed explicitly. Every exponent is clamped at 0: that changes nothing for real
-positions and keeps the rows past a sequence's end (loaded as zeros) finite.
+``exp(c[t] - c[s]) = exp(c[t] - c[m]) exp(c[m] - c[s])``, so both factors stay ``<= 1``. Pairs inside
+one sub-block go through its middle row, so the factors reach ``exp(+-8 |log decay|)``: while every
+such exponent is at most ``DIAGONAL_LIMIT`` (decays down to about ``exp(-7.5)`` per position) the
+pairs are one matrix product, otherwise (stronger decays) a loop over the sub-block's keys sums them
+with factors ``<= 1``. Exponents are clamped (at 0, or at the limit): that changes nothing for
+real positions and keeps the rows past a sequence's end (loaded as zeros) finite.
 
 The work splits into passes that each read their inputs once:
 
-- ``chunk_cumsum_kernel``: ``c`` for a decay per token (a constant decay is expanded in registers);
-- ``chunk_states_kernel``: the state entering every chunk, sequential over the chunks;
+- ``chunk_states_kernel``: the state entering every chunk, sequential over the chunks, and ``c`` for
+  a decay per token (a constant decay is expanded in registers wherever it is needed);
 - ``chunk_scores_kernel``: the in-chunk scores ``A[t, s] = q_t . k_s exp(c_t - c_s)``, ``s <= t``;
 - ``chunk_output_kernel``: ``o = scale (q exp(c) h + A v)``;
 - backward: ``chunk_dstates_kernel`` (the state gradients, in reverse), ``chunk_dscores_kernel``
-  (``dA = scale do v^T``), ``chunk_dv_kernel``, ``chunk_dqk_kernel`` (``dq``, ``dk`` and the parts
-  of ``dg``) and ``chunk_dg_kernel`` (``dg``).
+  (``dA = scale do v^T``), ``chunk_dv_kernel``, ``chunk_dqk_intra_kernel`` (the in-chunk parts of
+  ``dq`` and ``dk``, per sub-block) and ``chunk_dqk_kernel`` (``dq``, ``dk`` and ``dg``, per chunk).
 
 Matrix products take 16-bit operands for 16-bit inputs (float32 accumulation) and float32 ones
-otherwise (``PRECISION``). States, scores and decays are float32.
+otherwise (``PRECISION``); the products inside a sub-block take float32 operands, in TF32 for
+16-bit inputs (``DIAG_PRECISION``: their factors exceed float16's range). States, scores and decays
+are float32.
 
 Layouts (all contiguous): ``q, k, c [B, T, H, K]``; ``v, o [B, T, H, V]``; scores ``[B, T, H, BT]``
 (row ``t`` against the keys of its chunk); chunk states ``[NC, H, K, V]`` float32 over all ``NC``
@@ -120,8 +125,7 @@ def _decay_row(c, g, row, t0, eos, cols, K, row_stride, CONST: tl.constexpr):
         log_gamma = tl.load(g + cols, mask=cols < K, other=0.0).to(tl.float32)
         out = (row - t0 + 1).to(tl.float32) * log_gamma
     else:
-        width = tl.where(row < eos, K, 0)  # one comparison: the interpreter mishandles scalar & vector
-        out = tl.load(c + row * row_stride + cols, mask=cols < width, other=0.0)
+        out = _row(c, row, eos, cols, K, row_stride)
     return out
 
 
@@ -131,12 +135,73 @@ def _decay_factor(exponent):
     return tl.exp(tl.minimum(exponent, 0.0))
 
 
+# Largest exponent of the factors that carry the pairs inside a sub-block through its middle row:
+# exp(60) leaves 10^12 of float32's (and bfloat16's) range for the values they multiply.
+DIAGONAL_LIMIT = tl.constexpr(60.0)
+
+
 @triton.jit
-def _block_decay(c_blk, BC: tl.constexpr):
-    """Decays inside one sub-block: ``d[a, b, k] = exp(c[a, k] - c[b, k])`` for ``b <= a``, else 0, ``[BC, BC, C]``."""
+def _through_middle(c_blk, c_m, n_valid, BC: tl.constexpr):
+    """The factors of a sub-block's rows about its middle row ``m``, and whether they are safe.
+
+    Returns ``up = exp(c - c_m)`` and ``down = exp(c_m - c)`` (``[BC, C]``, exponents clamped at
+    ``DIAGONAL_LIMIT``), so that ``exp(c[a] - c[b]) = up[a] down[b]``, and whether no exponent of the
+    first ``n_valid`` rows reaches past the limit (then nothing was clamped there).
+    """
+    spread = c_blk - c_m[None, :]
+    valid = (tl.arange(0, BC) < n_valid)[:, None]
+    widest = tl.max(tl.max(tl.where(valid, tl.abs(spread), 0.0), axis=1), axis=0)
+    up = tl.exp(tl.minimum(spread, DIAGONAL_LIMIT))
+    down = tl.exp(tl.minimum(-spread, DIAGONAL_LIMIT))
+    return up, down, widest <= DIAGONAL_LIMIT
+
+
+@triton.jit
+def _row(ptr, row, end, cols, n_cols, row_stride):
+    """``ptr[row, cols]`` as float32 ``[C]``, zero when ``row >= end`` or ``cols >= n_cols``."""
+    width = tl.where(row < end, n_cols, 0)  # one comparison: the interpreter mishandles scalar & vector
+    return tl.load(ptr + row * row_stride + cols, mask=cols < width, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scores_by_key(q_blk, c_blk, k, c, g, r0, t0, eos, cols_k, K, row_stride, CONST: tl.constexpr,
+                   BC: tl.constexpr):
+    """``A[a, j] = sum_k q[a] k[j] exp(c[a] - c[j])`` inside one sub-block, one key ``j`` at a time.
+
+    For decays too strong for the factored product: every factor is ``<= 1`` for ``a >= j``; the
+    entries above the diagonal are finite and left for the caller to drop. ``[BC, BC]`` float32.
+    """
     pos = tl.arange(0, BC)
-    keep = (pos[:, None] >= pos[None, :])[:, :, None]  # [BC, BC, 1]
-    return tl.where(keep, _decay_factor(c_blk[:, None, :] - c_blk[None, :, :]), 0.0)
+    out = tl.zeros([BC, BC], dtype=tl.float32)
+    for j in range(BC):
+        k_j = _row(k, r0 + j, eos, cols_k, K, row_stride)  # [BK]
+        c_j = _decay_row(c, g, r0 + j, t0, eos, cols_k, K, row_stride, CONST)  # [BK]
+        column = tl.sum(q_blk * k_j[None, :] * _decay_factor(c_blk - c_j[None, :]), axis=1)  # [BC]
+        out += tl.where(pos[None, :] == j, column[:, None], 0.0)
+    return out
+
+
+@triton.jit
+def _inside_grads_by_key(q_blk, c_blk, da_below, k, c, g, r0, t0, eos, cols_k, K, row_stride,
+                         CONST: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """The in-sub-block parts of ``dq`` and ``dk`` (lag 0 left out), one key ``j`` at a time.
+
+    ``dq[a] = sum_{j < a} dA[a, j] exp(c[a] - c[j]) k[j]`` and
+    ``dk[j] = sum_{a > j} dA[a, j] exp(c[a] - c[j]) q[a]``; ``da_below`` is ``dA`` of the sub-block
+    with zeros on and above the diagonal. Every factor is ``<= 1``. Two ``[BC, BK]`` float32.
+    """
+    pos = tl.arange(0, BC)
+    dq_in = tl.zeros([BC, BK], dtype=tl.float32)
+    dk_in = tl.zeros([BC, BK], dtype=tl.float32)
+    for j in range(BC):
+        k_j = _row(k, r0 + j, eos, cols_k, K, row_stride)  # [BK]
+        c_j = _decay_row(c, g, r0 + j, t0, eos, cols_k, K, row_stride, CONST)  # [BK]
+        da_j = tl.sum(tl.where(pos[None, :] == j, da_below, 0.0), axis=1)  # [BC], dA[:, j]
+        weighted = da_j[:, None] * _decay_factor(c_blk - c_j[None, :])  # [BC, BK]
+        dq_in += weighted * k_j[None, :]
+        dk_j = tl.sum(weighted * q_blk, axis=0)  # [BK]
+        dk_in += tl.where(pos[:, None] == j, dk_j[None, :], 0.0)
+    return dq_in, dk_in
 
 
 @triton.jit
@@ -146,25 +211,17 @@ def _mm(a, b, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
-def chunk_cumsum_kernel(g, c, cu_seqlens, chunk_indices, T, NT, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
-    """``c = cumsum(g)`` inside every chunk, for a decay per token. Grid ``(NK, NC, H)``; ``c`` float32."""
-    i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    ck0 = i_k * BK
-    log_gamma = _load(g + i_h * K, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)  # [BT, BK]
-    _store(c + i_h * K, tl.cumsum(log_gamma, axis=0), t0, ck0, H * K, eos, K, BT, BK)
-
-
-@triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_states_kernel(
-    k, v, c, g, h0, h, ht, cu_seqlens, chunk_offsets, T, NT, H, K, V,
+    k, v, g, c, h0, h, ht, cu_seqlens, chunk_offsets, T, NT, H, K, V,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CONST: tl.constexpr, HAS_H0: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """The state entering every chunk, and the final state, one ``[BK, BV]`` tile per program.
 
-    Grid ``(NK, NV, N * H)``. Writes ``h [NC, H, K, V]`` and ``ht [N, H, K, V]``; reads ``h0`` when ``HAS_H0``.
+    Grid ``(NK, NV, N * H)``. ``g`` is the log decay, ``[H, K]`` with ``CONST``, else
+    ``[B, T, H, K]``; then the programs of the first ``BV`` tile also write its in-chunk cumulative
+    sum ``c`` (float32, ``[B, T, H, K]``). Writes ``h [NC, H, K, V]`` and ``ht [N, H, K, V]``; reads
+    ``h0`` when ``HAS_H0``.
     """
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = i_sh // H, i_sh % H
@@ -175,6 +232,7 @@ def chunk_states_kernel(
     g += i_h * K
     ck0 = i_k * BK
     cols_k = ck0 + tl.arange(0, BK)
+    rows = tl.arange(0, BT)
     cv0 = i_v * BV
     boundary = tl.cast(i_sh, tl.int64) * K * V
     if HAS_H0:
@@ -186,8 +244,15 @@ def chunk_states_kernel(
         _store(h + ((n0 + i) * H + i_h) * K * V, state, ck0, cv0, V, K, V, BK, BV)
         k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
         v_c = _load(v, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
-        c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
-        c_last = _decay_row(c, g, tl.minimum(t0 + BT, eos) - 1, t0, eos, cols_k, K, H * K, CONST)  # [BK]
+        last = tl.minimum(t0 + BT, eos) - 1
+        if CONST:
+            c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
+            c_last = _decay_row(c, g, last, t0, eos, cols_k, K, H * K, CONST)  # [BK]
+        else:
+            c_c = tl.cumsum(_load(g, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32), axis=0)  # [BT, BK]
+            c_last = tl.sum(tl.where(rows[:, None] == last - t0, c_c, 0.0), axis=0)  # [BK]
+            if i_v == 0:
+                _store(c, c_c, t0, ck0, H * K, eos, K, BT, BK)
         k_to_end = k_c * _decay_factor(c_last[None, :] - c_c)
         state = state * tl.exp(c_last)[:, None] + _mm(tl.trans(k_to_end), v_c, PRECISION, DOT_DTYPE)
     _store(ht + boundary, state, ck0, cv0, V, K, V, BK, BV)
@@ -197,7 +262,7 @@ def chunk_states_kernel(
 def chunk_scores_kernel(
     q, k, c, g, A, cu_seqlens, chunk_indices, T, NT, H, K,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, CONST: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, DIAG_PRECISION: tl.constexpr, DIAG_DTYPE: tl.constexpr,
 ):
     """The scores of one sub-block's queries against the keys of their chunk up to the sub-block's end.
 
@@ -213,6 +278,7 @@ def chunk_scores_kernel(
         c += i_h * K
         g += i_h * K
         A += i_h * BT
+        middle = tl.minimum(r0 + BC // 2, eos - 1)
         before = tl.zeros([BC, BT], dtype=tl.float32)  # against the earlier sub-blocks
         inside = tl.zeros([BC, BC], dtype=tl.float32)
         for ck0 in range(0, K, BK):
@@ -220,7 +286,12 @@ def chunk_scores_kernel(
             q_i = _load(q, r0, ck0, H * K, eos, K, BC, BK).to(tl.float32)  # [BC, BK]
             k_i = _load(k, r0, ck0, H * K, eos, K, BC, BK).to(tl.float32)  # [BC, BK]
             c_i = _decay(c, g, r0, t0, eos, ck0, K, H * K, CONST, BC, BK)  # [BC, BK]
-            inside += tl.sum(q_i[:, None, :] * k_i[None, :, :] * _block_decay(c_i, BC), axis=2)
+            c_mid = _decay_row(c, g, middle, t0, eos, cols_k, K, H * K, CONST)  # [BK]
+            up, down, fits = _through_middle(c_i, c_mid, eos - r0, BC)
+            if fits:
+                inside += _mm(q_i * up, tl.trans(k_i * down), DIAG_PRECISION, DIAG_DTYPE)
+            else:
+                inside += _scores_by_key(q_i, c_i, k, c, g, r0, t0, eos, cols_k, K, H * K, CONST, BC)
             if i_c > 0:
                 # Reference: the sub-block's first row, between every earlier key and these queries.
                 c_m = _decay_row(c, g, r0, t0, eos, cols_k, K, H * K, CONST)  # [BK]
@@ -229,6 +300,8 @@ def chunk_scores_kernel(
                 k_to_m = k_c * _decay_factor(c_m[None, :] - c_c)
                 q_from_m = q_i * _decay_factor(c_i - c_m[None, :])
                 before += _mm(q_from_m, tl.trans(k_to_m), PRECISION, DOT_DTYPE)
+        pos = tl.arange(0, BC)
+        inside = tl.where(pos[:, None] >= pos[None, :], inside, 0.0)
         _store(A, before, r0, 0, H * BT, eos, i_c * BC, BC, BT)
         _store(A + i_c * BC, inside, r0, 0, H * BT, eos, BC, BC, BC)
         after = tl.zeros([BC, BT], dtype=tl.float32)  # the later keys of the chunk: no score
@@ -359,25 +432,16 @@ def chunk_dv_kernel(
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
-def chunk_dqk_kernel(
-    q, k, v, c, g, h, do, dh, dA, dq, dk, x, y, entering, scale, cu_seqlens, chunk_indices, T, NT, H, K, V,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CONST: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def chunk_dqk_intra_kernel(
+    q, k, c, g, dA, dq, dk, cu_seqlens, chunk_indices, T, NT, H, K,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, CONST: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, DIAG_PRECISION: tl.constexpr, DIAG_DTYPE: tl.constexpr,
 ):
-    """``dq`` and ``dk`` of one sub-block and one ``BK`` tile of the channels, and the parts of ``dg``.
+    """The in-chunk parts of ``dq`` and ``dk`` of one sub-block and one ``BK`` tile of the channels.
 
-    Grid ``(NK, NC * BT // BC, H)``; loops over ``V`` in tiles of ``BV``. The gradient of the
-    in-chunk cumulative decay is ``dc_t = q_t dq_t - k_t dk_t`` plus, at the chunk's last row,
-    ``sum_v dS_out S_out``; ``dg`` is its reverse cumulative sum over the chunk. The lag-0 terms
-    ``dA[t, t] q_t k_t`` cancel exactly in it, so they are left out, and the leaving state is split
-    into the decayed entering state and the keys written before ``t``::
-
-        dg_t = sum_{i >= t} x_i + sum_{j < t} y_j + exp(c_last) sum_v dS_out S_in
-
-    with ``x = q dq' - k dk'``, where ``dq'`` and ``dk'`` hold no lag-0 and (for ``dk'``) no state
-    term, and ``y = k dk^S``, the keys' gradient through the leaving state. Nothing large cancels,
-    even for decays near 0. This kernel writes ``x``, ``y`` (float32 ``[B, T, H, K]``) and, from the
-    chunk's first sub-block, the last term (``entering [NC, H, K]``); ``chunk_dg_kernel`` sums them.
+    ``dq_t = sum_{s < t} dA[t, s] exp(c_t - c_s) k_s`` and ``dk_s = sum_{t > s} dA[t, s] exp(c_t - c_s) q_t``
+    over the positions of the chunk (lag 0 left out: ``chunk_dqk_kernel`` adds it). Grid
+    ``(NK, NC * BT // BC, H)``. Writes ``dq`` and ``dk`` float32 ``[B, T, H, K]``.
     """
     i_k, i_nb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, blk = i_nb // (BT // BC), i_nb % (BT // BC)
@@ -390,43 +454,22 @@ def chunk_dqk_kernel(
         g += i_h * K
         dq += i_h * K
         dk += i_h * K
-        x += i_h * K
-        y += i_h * K
-        v += i_h * V
-        do += i_h * V
         dA += i_h * BT
-        h += (tl.cast(i_n, tl.int64) * H + i_h) * K * V
-        dh += (tl.cast(i_n, tl.int64) * H + i_h) * K * V
         rows = t0 + tl.arange(0, BT)
         sub = tl.arange(0, BC)
         ck0 = i_k * BK
         cols_k = ck0 + tl.arange(0, BK)
-        c_last = _decay_row(c, g, tl.minimum(t0 + BT, eos) - 1, t0, eos, cols_k, K, H * K, CONST)  # [BK]
-
-        # Through the chunk states: the queries read the entering state, the keys write the leaving one.
-        dq_i = tl.zeros([BC, BK], dtype=tl.float32)  # do h^T
-        dk_state = tl.zeros([BC, BK], dtype=tl.float32)  # v dh^T
-        through = tl.zeros([BK], dtype=tl.float32)  # sum_v dS_out S_in
-        for cv0 in range(0, V, BV):
-            do_i = _load(do, r0, cv0, H * V, eos, V, BC, BV)  # [BC, BV]
-            v_i = _load(v, r0, cv0, H * V, eos, V, BC, BV)  # [BC, BV]
-            state = _load(h, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
-            dstate = _load(dh, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
-            dq_i += _mm(do_i, tl.trans(state), PRECISION, DOT_DTYPE)
-            dk_state += _mm(v_i, tl.trans(dstate), PRECISION, DOT_DTYPE)
-            through += tl.sum(state * dstate, axis=1)
         q_i = _load(q, r0, ck0, H * K, eos, K, BC, BK).to(tl.float32)  # [BC, BK]
         k_i = _load(k, r0, ck0, H * K, eos, K, BC, BK).to(tl.float32)  # [BC, BK]
         c_i = _decay(c, g, r0, t0, eos, ck0, K, H * K, CONST, BC, BK)  # [BC, BK]
-        dq_i = dq_i * scale * _decay_factor(c_i)
-        dk_state = dk_state * _decay_factor(c_last[None, :] - c_i)
+        dq_i = tl.zeros([BC, BK], dtype=tl.float32)
         dk_i = tl.zeros([BC, BK], dtype=tl.float32)
+        c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK], the whole chunk
         if blk > 0:
             # Earlier keys, through the last row before the sub-block.
             c_m = _decay_row(c, g, r0 - 1, t0, eos, cols_k, K, H * K, CONST)  # [BK]
             da_rows = _load(dA, r0, 0, H * BT, eos, blk * BC, BC, BT)  # [BC, BT], dA[i, :r0]
             k_c = _load(k, t0, ck0, H * K, r0, K, BT, BK)  # [BT, BK], zero from the sub-block on
-            c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
             k_to_m = k_c * _decay_factor(c_m[None, :] - c_c)
             dq_i += _decay_factor(c_i - c_m[None, :]) * _mm(da_rows, k_to_m, PRECISION, DOT_DTYPE)
         if blk < BT // BC - 1:
@@ -435,40 +478,92 @@ def chunk_dqk_kernel(
             later = (rows >= r0 + BC) & (rows < eos)  # [BT]
             da_cols = tl.load(dA + rows[None, :] * (H * BT) + (blk * BC + sub)[:, None], mask=later[None, :], other=0.0)
             q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
-            c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
             q_from_m = q_c * _decay_factor(c_c - c_m[None, :])
             dk_i += _decay_factor(c_m[None, :] - c_i) * _mm(da_cols, q_from_m, PRECISION, DOT_DTYPE)
-        # Pairs inside the sub-block, lag 0 left out (added to dq and dk below, not to dg).
+        # Pairs inside the sub-block.
         da_inside = _load(dA + blk * BC, r0, 0, H * BT, eos, BC, BC, BC)  # [BC, BC]
-        lag = sub[:, None] - sub[None, :]  # [BC, BC], i - j
-        da_diag = tl.sum(tl.where(lag == 0, da_inside, 0.0), axis=1)  # [BC]
-        da_below = tl.where(lag > 0, da_inside, 0.0)[:, :, None]  # [BC, BC, 1]
-        decay = _block_decay(c_i, BC)  # [BC, BC, BK]
-        dq_i += tl.sum(da_below * k_i[None, :, :] * decay, axis=1)
-        dk_i += tl.sum(da_below * q_i[:, None, :] * decay, axis=0)
-
-        _store(x, q_i * dq_i - k_i * dk_i, r0, ck0, H * K, eos, K, BC, BK)
-        _store(y, k_i * dk_state, r0, ck0, H * K, eos, K, BC, BK)
-        _store(dq, dq_i + da_diag[:, None] * k_i, r0, ck0, H * K, eos, K, BC, BK)
-        _store(dk, dk_i + dk_state + da_diag[:, None] * q_i, r0, ck0, H * K, eos, K, BC, BK)
-        if blk == 0:
-            at = entering + (tl.cast(i_n, tl.int64) * H + i_h) * K + cols_k
-            tl.store(at, through * tl.exp(c_last), mask=cols_k < K)
+        da_below = tl.where(sub[:, None] > sub[None, :], da_inside, 0.0)
+        c_mid = _decay_row(c, g, tl.minimum(r0 + BC // 2, eos - 1), t0, eos, cols_k, K, H * K, CONST)  # [BK]
+        up, down, fits = _through_middle(c_i, c_mid, eos - r0, BC)
+        if fits:
+            dq_i += up * _mm(da_below, k_i * down, DIAG_PRECISION, DIAG_DTYPE)
+            dk_i += down * _mm(tl.trans(da_below), q_i * up, DIAG_PRECISION, DIAG_DTYPE)
+        else:
+            dq_in, dk_in = _inside_grads_by_key(q_i, c_i, da_below, k, c, g, r0, t0, eos, cols_k, K, H * K,
+                                                CONST, BC, BK)
+            dq_i += dq_in
+            dk_i += dk_in
+        _store(dq, dq_i, r0, ck0, H * K, eos, K, BC, BK)
+        _store(dk, dk_i, r0, ck0, H * K, eos, K, BC, BK)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
-def chunk_dg_kernel(x, y, entering, dg, cu_seqlens, chunk_indices, T, NT, H, K, BT: tl.constexpr,
-                    BK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """``dg_t = sum_{i >= t} x_i + sum_{j < t} y_j + entering`` over every chunk (see ``chunk_dqk_kernel``).
+def chunk_dqk_kernel(
+    q, k, v, c, g, h, do, dh, dA, dq_in, dk_in, dq, dk, dg, scale, cu_seqlens, chunk_indices, T, NT, H, K, V,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CONST: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """``dq``, ``dk`` and ``dg`` of one chunk and one ``BK`` tile of the channels.
 
-    Grid ``(NK, NC, H)``.
+    Grid ``(NK, NC, H)``; loops over ``V`` in tiles of ``BV``. Adds to the in-chunk parts ``dq_in``
+    and ``dk_in`` (from ``chunk_dqk_intra_kernel``) the terms through the chunk states (the queries
+    read the entering state ``h``, the keys write the leaving one, of gradient ``dh``) and the
+    lag-0 terms ``dA[t, t] k_t`` and ``dA[t, t] q_t``.
+
+    The gradient of the in-chunk cumulative decay is ``dc_t = q_t dq_t - k_t dk_t`` plus, at the
+    chunk's last row, ``sum_v dS_out S_out``; ``dg`` is its reverse cumulative sum over the chunk.
+    The lag-0 terms cancel exactly in it, so they are left out, and the leaving state is split into
+    the decayed entering state and the keys written before ``t``::
+
+        dg_t = sum_{i >= t} x_i + sum_{j < t} y_j + exp(c_last) sum_v dS_out S_in
+
+    with ``x = q dq' - k dk_in``, where ``dq'`` holds no lag-0 term, and ``y = k dk^S``, the keys'
+    gradient through the leaving state. Nothing large cancels, even for decays near 0. ``dg`` is
+    written in its pointer's dtype, ``[B, T, H, K]``.
     """
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    q += i_h * K
+    k += i_h * K
+    c += i_h * K
+    g += i_h * K
+    dq_in += i_h * K
+    dk_in += i_h * K
+    dq += i_h * K
+    dk += i_h * K
+    dg += i_h * K
+    v += i_h * V
+    do += i_h * V
+    dA += i_h * BT
+    h += (tl.cast(i_n, tl.int64) * H + i_h) * K * V
+    dh += (tl.cast(i_n, tl.int64) * H + i_h) * K * V
     ck0 = i_k * BK
     cols_k = ck0 + tl.arange(0, BK)
-    x_c = _load(x + i_h * K, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
-    y_c = _load(y + i_h * K, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
-    through = tl.load(entering + (tl.cast(i_n, tl.int64) * H + i_h) * K + cols_k, mask=cols_k < K, other=0.0)
-    out = tl.cumsum(x_c, axis=0, reverse=True) + (tl.cumsum(y_c, axis=0) - y_c) + through[None, :]
-    _store(dg + i_h * K, out, t0, ck0, H * K, eos, K, BT, BK)
+    c_last = _decay_row(c, g, tl.minimum(t0 + BT, eos) - 1, t0, eos, cols_k, K, H * K, CONST)  # [BK]
+
+    dq_state = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
+    dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # v dh^T
+    through = tl.zeros([BK], dtype=tl.float32)  # sum_v dS_out S_in
+    for cv0 in range(0, V, BV):
+        do_c = _load(do, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
+        v_c = _load(v, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
+        state = _load(h, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
+        dstate = _load(dh, ck0, cv0, V, K, V, BK, BV)  # [BK, BV]
+        dq_state += _mm(do_c, tl.trans(state), PRECISION, DOT_DTYPE)
+        dk_state += _mm(v_c, tl.trans(dstate), PRECISION, DOT_DTYPE)
+        through += tl.sum(state * dstate, axis=1)
+    q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)  # [BT, BK]
+    k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)  # [BT, BK]
+    c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
+    rows = tl.arange(0, BT)
+    n_rows = (eos - t0).to(tl.int32)
+    da_diag = tl.load(dA + t0 * (H * BT) + rows * (H * BT + 1), mask=rows < n_rows, other=0.0)  # [BT], dA[t, t]
+    dq_c = dq_state * scale * _decay_factor(c_c) + _load(dq_in, t0, ck0, H * K, eos, K, BT, BK)
+    dk_inside = _load(dk_in, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
+    dk_state = dk_state * _decay_factor(c_last[None, :] - c_c)
+    x = q_c * dq_c - k_c * dk_inside
+    y = k_c * dk_state
+    dg_c = tl.cumsum(x, axis=0, reverse=True) + (tl.cumsum(y, axis=0) - y) + (through * tl.exp(c_last))[None, :]
+    _store(dq, dq_c + da_diag[:, None] * k_c, t0, ck0, H * K, eos, K, BT, BK)
+    _store(dk, dk_inside + dk_state + da_diag[:, None] * q_c, t0, ck0, H * K, eos, K, BT, BK)
+    _store(dg, dg_c, t0, ck0, H * K, eos, K, BT, BK)
