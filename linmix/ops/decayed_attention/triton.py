@@ -60,6 +60,20 @@ def _tile_size(n: int, block: int | None, largest: int) -> int:
     return block or max(16, min(largest, 1 << (n - 1).bit_length()))
 
 
+def _sequential_block_v(x: torch.Tensor, K: int, V: int, n_seqs: int, H: int, BK: int, BV: int,
+                        block_v: int | None) -> int:
+    """The ``BV`` tile of the passes that run sequentially over the chunks (states and their gradients).
+
+    They have one program per ``(BK, BV)`` tile, sequence and head. While those are fewer than
+    the device's multiprocessors (long sequences in small batches), halve ``BV`` (down to 16) so
+    that every multiprocessor runs one; an explicit ``block_v`` is kept.
+    """
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    while block_v is None and BV > 16 and _cdiv(K, BK) * _cdiv(V, BV) * n_seqs * H < processors:
+        BV //= 2
+    return BV
+
+
 def _dot_options(dtype: torch.dtype) -> dict:
     """How the kernels multiply matrices of ``dtype`` inputs: ``PRECISION`` and the operand dtype ``DOT_DTYPE``.
 
@@ -216,7 +230,8 @@ def decayed_attention_forward(
     const = log_gamma.dim() == 2
     with launch_device(q):
         layout = _layout(B, T, cu_seqlens)
-        h, final_state, decay = _chunk_states(k, v, log_gamma, initial_state, layout, BK, BV)
+        BV_states = _sequential_block_v(q, K, V, layout.n_seqs, H, BK, BV, block_v)
+        h, final_state, decay = _chunk_states(k, v, log_gamma, initial_state, layout, BK, BV_states)
         A = _chunk_scores(q, k, decay, const, layout, BK)
         o = torch.empty_like(v)
         _kernels().chunk_output_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
@@ -276,9 +291,10 @@ def decayed_attention_backward(
         dh = torch.empty_like(h)
         dh0 = q.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
         dht = None if dfinal_state is None else dfinal_state.float().contiguous()
-        kernels.chunk_dstates_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
+        BV_states = _sequential_block_v(q, K, V, layout.n_seqs, H, BK, BV, block_v)
+        kernels.chunk_dstates_kernel[(_cdiv(K, BK), _cdiv(V, BV_states), layout.n_seqs * H)](
             q, decay, decay, do, dht, dh, dh0, scale, chunk_offsets=layout.chunk_offsets, H=H, K=K, V=V,
-            BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_DHT=dfinal_state is not None, **dots,
+            BT=CHUNK, BK=BK, BV=BV_states, CONST=const, HAS_DHT=dfinal_state is not None, **dots,
             **varlen, **LAUNCH["dstates"],
         )
         per_chunk = dict(chunk_indices=layout.chunk_indices, H=H, BT=CHUNK, **varlen)

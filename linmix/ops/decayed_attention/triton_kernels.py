@@ -239,17 +239,24 @@ def chunk_states_kernel(
         state = _load(h0 + boundary, ck0, cv0, V, K, V, BK, BV).to(tl.float32)  # [BK, BV]
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
+    # Every chunk's inputs are loaded one iteration ahead, so that their latency overlaps the
+    # previous chunk's update (the loads do not depend on the state); past the end they are masked.
+    k_next = _load(k, bos, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
+    v_next = _load(v, bos, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
+    g_next = _load(g, bos, ck0, H * K, bos if CONST else eos, K, BT, BK)  # [BT, BK], none if CONST
     for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
         _store(h + ((n0 + i) * H + i_h) * K * V, state, ck0, cv0, V, K, V, BK, BV)
-        k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
-        v_c = _load(v, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
+        k_c, v_c, log_gamma = k_next, v_next, g_next
+        k_next = _load(k, t0 + BT, ck0, H * K, eos, K, BT, BK)
+        v_next = _load(v, t0 + BT, cv0, H * V, eos, V, BT, BV)
+        g_next = _load(g, t0 + BT, ck0, H * K, t0 + BT if CONST else eos, K, BT, BK)
         last = tl.minimum(t0 + BT, eos) - 1
         if CONST:
             c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
             c_last = _decay_row(c, g, last, t0, eos, cols_k, K, H * K, CONST)  # [BK]
         else:
-            c_c = tl.cumsum(_load(g, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32), axis=0)  # [BT, BK]
+            c_c = tl.cumsum(log_gamma.to(tl.float32), axis=0)  # [BT, BK]
             c_last = tl.sum(tl.where(rows[:, None] == last - t0, c_c, 0.0), axis=0)  # [BK]
             if i_v == 0:
                 _store(c, c_c, t0, ck0, H * K, eos, K, BT, BK)
@@ -363,14 +370,23 @@ def chunk_dstates_kernel(
     else:
         dstate = tl.zeros([BK, BV], dtype=tl.float32)
     n_chunks = tl.cdiv(eos - bos, BT)
+    # Every chunk's inputs are loaded one iteration ahead (see chunk_states_kernel).
+    t_next = bos + (n_chunks - 1) * BT
+    q_next = _load(q, t_next, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
+    do_next = _load(do, t_next, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
+    c_next = _decay(c, g, t_next, t_next, eos, ck0, K, H * K, CONST, BT, BK)  # [BT, BK]
+    c_last_next = _decay_row(c, g, eos - 1, t_next, eos, cols_k, K, H * K, CONST)  # [BK]
     for i in range(n_chunks):
         n = n_chunks - 1 - i
         t0 = bos + n * BT
         _store(dh + ((n0 + n) * H + i_h) * K * V, dstate, ck0, cv0, V, K, V, BK, BV)
-        q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK)  # [BT, BK]
-        do_c = _load(do, t0, cv0, H * V, eos, V, BT, BV)  # [BT, BV]
-        c_c = _decay(c, g, t0, t0, eos, ck0, K, H * K, CONST, BT, BK)
-        c_last = _decay_row(c, g, tl.minimum(t0 + BT, eos) - 1, t0, eos, cols_k, K, H * K, CONST)  # [BK]
+        q_c, do_c, c_c, c_last = q_next, do_next, c_next, c_last_next
+        t_next = t0 - BT
+        end_next = tl.where(n > 0, t0, t_next)  # nothing before the sequence's first chunk
+        q_next = _load(q, t_next, ck0, H * K, end_next, K, BT, BK)
+        do_next = _load(do, t_next, cv0, H * V, end_next, V, BT, BV)
+        c_next = _decay(c, g, t_next, t_next, end_next, ck0, K, H * K, CONST, BT, BK)
+        c_last_next = _decay_row(c, g, tl.maximum(t0 - 1, bos), t_next, end_next, cols_k, K, H * K, CONST)
         q_from_start = q_c * _decay_factor(c_c)
         read = _mm(tl.trans(q_from_start), do_c, PRECISION, DOT_DTYPE)  # [BK, BV]
         dstate = dstate * tl.exp(c_last)[:, None] + scale * read
