@@ -264,3 +264,16 @@ def test_linear_preset_decodes_with_constant_memory():
         if step in (10, 599):
             sizes.append(state_numel(state))
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("key", ["kops-toeplitz", "nanogpt-ts"])
+def test_forward_compiles_without_graph_break(key):
+    """``torch.compile(fullgraph=True)`` of a whole training loss (the token checks stay out of the graph)."""
+    model = small_model(key)
+    idx, targets = random_tokens(model, 2, 33), random_tokens(model, 2, 33, seed=2)
+
+    def loss(idx, targets):
+        return model(idx, targets)[1]
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(idx, targets), loss(idx, targets))

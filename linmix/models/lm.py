@@ -37,7 +37,11 @@ class DecodingMixin:
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} {list(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be a [B, T] torch.long tensor, got {got}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        # The range check reads the values back, a sync that torch.compile cannot trace: compiled
+        # graphs skip it and leave out-of-range tokens to the embedding's own device-side check.
+        if idx.numel() and not torch.compiler.is_compiling() and (
+            int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size
+        ):
             raise ValueError(f"idx values must be in [0, {self.config.vocab_size}), got [{int(idx.min())}, {int(idx.max())}]")
         if idx.shape[1] > self.window:
             raise ValueError(f"sequence length T={idx.shape[1]} exceeds the model's window {self.window}")
