@@ -185,6 +185,7 @@ class K2Mixer(nn.Module):
                 initial_state=None if state is None else state["decay"],
                 output_final_state=state is not None,
                 backend=self.config.decay_backend,
+                check_values=False,  # log_gamma() lies in [log gamma_min, log gamma_max] by construction
             )
         decay = self.alpha().to(x.dtype) * decay_out[:, :, 0]  # [B, T, d]
         base, new_state = None, None

@@ -37,12 +37,13 @@ class DecodingMixin:
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             got = f"{idx.dtype} {list(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be a [B, T] torch.long tensor, got {got}")
-        # The range check reads the values back, a sync that torch.compile cannot trace: compiled
-        # graphs skip it and leave out-of-range tokens to the embedding's own device-side check.
-        if idx.numel() and not torch.compiler.is_compiling() and (
-            int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size
-        ):
-            raise ValueError(f"idx values must be in [0, {self.config.vocab_size}), got [{int(idx.min())}, {int(idx.max())}]")
+        # The range check reads the values back (one wait for the device), which torch.compile
+        # cannot trace: compiled graphs skip it and leave bad tokens to the embedding's device-side check.
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(idx)
+            lo, hi = torch.stack([lo, hi]).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"idx values must be in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
         if idx.shape[1] > self.window:
             raise ValueError(f"sequence length T={idx.shape[1]} exceeds the model's window {self.window}")
         if targets is not None and (targets.shape != idx.shape or targets.dtype != torch.long):

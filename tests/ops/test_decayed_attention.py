@@ -1,6 +1,7 @@
 """decayed_attention: every backend against the token loop, forward and backward."""
 
 import functools
+import importlib
 import math
 
 import pytest
@@ -284,6 +285,32 @@ def test_bad_inputs_raise(bad):
     q, k, v, log_gamma = (args.pop(n) for n in ("q", "k", "v", "log_gamma"))
     with pytest.raises(error, match=match):
         decayed_attention(q, k, v, log_gamma, **args)
+
+
+def test_check_values_false_skips_the_value_check_only():
+    """``check_values=False`` reads nothing back: a positive log decay passes, a bad shape still raises."""
+    args = _valid_args()
+    q, k, v = (args.pop(n) for n in ("q", "k", "v"))
+    args.pop("log_gamma")
+    o, _ = decayed_attention(q, k, v, torch.full((H, K), 0.1), check_values=False, **args)
+    assert torch.isfinite(o).all()
+    with pytest.raises(ValueError, match=r"log_gamma must have shape"):
+        decayed_attention(q, k, v, torch.zeros(K), check_values=False, **args)
+
+
+def test_k2_mixer_does_not_read_its_decays_back(monkeypatch):
+    """The K2 mixer builds its log decays in range, so its forward skips the check that waits for the device."""
+    from linmix.layers.k2 import K2Config, K2Mixer
+
+    ops = importlib.import_module("linmix.ops.decayed_attention")  # the package, not the function it exports
+
+    def refuse(*_):
+        raise AssertionError("check_log_decay was called")
+
+    monkeypatch.setattr(ops, "check_log_decay", refuse)
+    layer = K2Mixer(K2Config(d_model=16, rank=4, kbase="toeplitz", kbase_taps=4, decay_backend="chunk"))
+    y, _ = layer(torch.randn(2, 9, 16))
+    assert y.shape == (2, 9, 16)
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["constant", "per_token"])
