@@ -284,6 +284,19 @@ def test_gpu_bfloat16_matches_naive(T, shape, direct):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("decay", ["token_logsigmoid", "token_mixed"])
+def test_gpu_float16_matches_naive(decay):
+    """float16 straight into the backend: its in-sub-block factors (up to exp(60)) multiply in TF32, not in float16."""
+    inputs, cotangents = make_case(2, 333, 2, 64, 96, decay, with_h0=True, seed=11)
+    inputs, cotangents = ({name: x.to(torch.float16).double() for name, x in case.items()} for case in (inputs, cotangents))
+    ref = run("naive", inputs, cotangents, torch.float64)
+    out = run("triton", inputs, cotangents, torch.float16, fn=triton_decayed_attention)
+    assert out["o"].dtype == torch.float16
+    assert_all_close(ref, out, ratio=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_auto_is_triton():
     inputs, cotangents = make_case(2, 100, 2, 32, 64, "token_logsigmoid", with_h0=True)
     auto = run("auto", inputs, cotangents, torch.float32)
