@@ -35,7 +35,7 @@ LAUNCH = {
     "dscores": dict(num_warps=4, num_stages=2),
     "dv": dict(num_warps=4, num_stages=2),
     "dqk_intra": dict(num_warps=4, num_stages=1),
-    "dqk": dict(num_warps=8, num_stages=2),
+    "dqk": dict(num_warps=8, num_stages=1),
 }
 
 

@@ -136,7 +136,7 @@ def _decay_factor(exponent):
 
 
 # Largest exponent of the factors that carry the pairs inside a sub-block through its middle row:
-# exp(60) leaves 10^12 of float32's (and bfloat16's) range for the values they multiply.
+# exp(60) leaves 10^12 of float32's range (the products' operands are float32) for the values they multiply.
 DIAGONAL_LIMIT = tl.constexpr(60.0)
 
 
