@@ -70,6 +70,11 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _compile_fields(args) -> dict:
+    """`compile` and `compile_mode` of a TrainConfig from --compile / --compile-mode (which implies --compile)."""
+    return dict(compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode or "default")
+
+
 def _train_config(args, preset, out_dir: Path):
     from linmix.train import TrainConfig
 
@@ -84,7 +89,7 @@ def _train_config(args, preset, out_dir: Path):
     values.update({k: v for k, v in flag_fields.items() if v is not None})
     if args.max_steps is not None and args.warmup_steps is None:
         values["warmup_steps"] = min(values["warmup_steps"], args.max_steps)
-    values.update(compile=args.compile, out_dir=str(out_dir))
+    values.update(**_compile_fields(args), out_dir=str(out_dir))
     return TrainConfig.from_dict(values)
 
 
@@ -307,7 +312,7 @@ def cmd_bench_train(args) -> int:
         plan = plan_train(
             args.presets, baseline=None if args.baseline == "none" else args.baseline,
             context_length=args.context_length, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
-            compile=args.compile, device=args.device, overrides=_parse_overrides(args.set),
+            **_compile_fields(args), device=args.device, overrides=_parse_overrides(args.set),
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -320,6 +325,8 @@ def cmd_bench_train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `linmix` command."""
+    from linmix.train.config import COMPILE_MODES
+
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -345,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-protocols", type=_csv(str), help="comma list of full,random")
     train.add_argument("--log-interval", type=int)
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--compile-mode", choices=COMPILE_MODES,
+                       help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -466,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--steps", type=int, default=50, help="timed optimizer steps per run (default 50)")
     train_bench.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     train_bench.add_argument("--compile", action="store_true", help="train through torch.compile")
+    train_bench.add_argument("--compile-mode", choices=COMPILE_MODES,
+                             help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
     train_bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
     train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="model-config field for every model, e.g. decay_backend=chunk (repeatable)")

@@ -50,6 +50,14 @@ def test_baseline_runs_first_and_once():
     assert plan.models == ["kops-ts-v2", "kops-ts-linear"]
 
 
+def test_the_compile_mode_reaches_the_plan():
+    plan = plan_train(["kops-ts-linear"], baseline=None, context_length=8, batch_sizes=[1], compile=True,
+                      compile_mode="reduce-overhead", device="cpu")
+    assert plan.compile and plan.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="--compile-mode must be one of"):
+        plan_train(["kops-ts-linear"], context_length=8, batch_sizes=[1], compile=True, compile_mode="fast")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

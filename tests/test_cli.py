@@ -5,7 +5,7 @@ import json
 import pytest
 
 from _paths import SHARED_DATA_DIR
-from linmix.cli import main
+from linmix.cli import _compile_fields, build_parser, main
 from linmix.train import read_metrics
 
 TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32"]
@@ -82,6 +82,24 @@ def test_bad_flag_exits_2(capsys):
         main(["train", "--preset", "kops-ts-v2", "--max-stepz", "3"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, fields", [
+    ([], dict(compile=False, compile_mode="default")),
+    (["--compile"], dict(compile=True, compile_mode="default")),
+    (["--compile-mode", "reduce-overhead"], dict(compile=True, compile_mode="reduce-overhead")),
+])
+def test_compile_mode_implies_compile(flags, fields):
+    bench = ["bench", "train", "--context-length", "8", "--batch-sizes", "1"]
+    for command in (["train", "--preset", "kops-ts-v2"], bench):
+        assert _compile_fields(build_parser().parse_args([*command, *flags])) == fields
+
+
+def test_unknown_compile_mode_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "kops-ts-v2", "--compile-mode", "fast"])
+    assert exit_info.value.code == 2
+    assert "reduce-overhead" in capsys.readouterr().err
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):

@@ -228,6 +228,27 @@ def test_sampler_state_restores_the_same_batches(corpus):
     assert not torch.equal(other.sample()[0], first[0][0])
 
 
+def test_sampler_keeps_its_stream_on_the_requested_device(corpus):
+    """Moving the stream (here to an int64 copy on the CPU) changes no batch; the offsets stay on the generator."""
+    plain = RandomWindowSampler(corpus.train.int(), 4, 32, torch.Generator().manual_seed(3))
+    placed = RandomWindowSampler(corpus.train.int(), 4, 32, torch.Generator().manual_seed(3), device="cpu")
+    assert placed.tokens.dtype == torch.long
+    for _ in range(3):
+        (x1, y1), (x2, y2) = plain.sample(), placed.sample()
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sampler_cuts_the_same_windows_on_the_device(corpus):
+    on_cpu = RandomWindowSampler(corpus.train, 8, 64, torch.Generator().manual_seed(5))
+    on_gpu = RandomWindowSampler(corpus.train, 8, 64, torch.Generator().manual_seed(5), device="cuda")
+    for _ in range(3):
+        (x1, y1), (x2, y2) = on_cpu.sample(), on_gpu.sample()
+        assert x2.is_cuda and y2.is_cuda
+        assert torch.equal(x1, x2.cpu()) and torch.equal(y1, y2.cpu())
+
+
 def test_sampler_rejects_bad_streams():
     with pytest.raises(ValueError, match="context_length"):
         RandomWindowSampler(torch.arange(6), 2, 6, torch.Generator())

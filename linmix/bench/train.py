@@ -20,6 +20,7 @@ from linmix.bench.registry import INPUT_SEED
 from linmix.bench.runner import machine_info
 from linmix.models import MODEL_CLASSES, get_preset, with_overrides
 from linmix.train import TrainConfig, Trainer
+from linmix.train.config import COMPILE_MODES
 
 DEFAULT_BASELINE = "kops-ts-v2"
 DEFAULT_PRESETS = ("kops-ts-linear-long",)
@@ -38,6 +39,7 @@ class TrainBenchPlan:
         steps: timed optimizer steps per run.
         warmup: untimed steps before them (compilation happens here).
         compile: train through ``torch.compile``.
+        compile_mode: its mode, one of ``COMPILE_MODES``.
         device: where everything runs.
         overrides: model-config fields applied to every preset and the baseline.
     """
@@ -49,6 +51,7 @@ class TrainBenchPlan:
     steps: int
     warmup: int
     compile: bool
+    compile_mode: str
     device: torch.device
     overrides: dict = field(default_factory=dict)
 
@@ -65,7 +68,8 @@ def _check_positive(option: str, value: int) -> None:
 
 def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAULT_BASELINE, context_length: int,
                batch_sizes: list[int], steps: int = 50, warmup: int = 10, compile: bool = False,
-               device: str | None = None, overrides: dict | None = None) -> TrainBenchPlan:
+               compile_mode: str = "default", device: str | None = None,
+               overrides: dict | None = None) -> TrainBenchPlan:
     """Check a training-throughput request and resolve its defaults.
 
     Args:
@@ -76,6 +80,7 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
         steps: timed optimizer steps per run.
         warmup: untimed steps before them.
         compile: train through ``torch.compile``.
+        compile_mode: its mode, one of ``COMPILE_MODES``.
         device: "cuda", "cuda:N" or "cpu"; None for cuda when available, else cpu.
         overrides: model-config fields applied to every model (validated per preset).
 
@@ -92,6 +97,8 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
         _check_positive("--batch-sizes", value)
     _check_positive("--steps", steps)
     _check_positive("--warmup", warmup)
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     names = list(dict.fromkeys(presets or DEFAULT_PRESETS))
     for option, group in (("--presets", names), ("--baseline", [baseline] if baseline else [])):
         for name in group:
@@ -106,8 +113,8 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return TrainBenchPlan(names, baseline, context_length, list(batch_sizes), steps, warmup, compile, device,
-                          dict(overrides or {}))
+    return TrainBenchPlan(names, baseline, context_length, list(batch_sizes), steps, warmup, compile, compile_mode,
+                          device, dict(overrides or {}))
 
 
 def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progress: bool = False) -> dict:
@@ -133,7 +140,8 @@ def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progre
             **preset.train, "max_steps": max_steps, "warmup_steps": min(preset.train.get("warmup_steps", 1), max_steps),
             "batch_size": batch_size, "context_length": T, "eval_interval": max_steps, "eval_protocols": ("full",),
             "eval_batch_size": 2, "log_interval": plan.warmup, "checkpoint_interval": max_steps,
-            "device": str(plan.device), "compile": plan.compile, "out_dir": out_dir,
+            "device": str(plan.device), "compile": plan.compile, "compile_mode": plan.compile_mode,
+            "out_dir": out_dir,
         })
         summary = Trainer(model, train, val, config, progress=progress).fit()
     row = {
@@ -166,6 +174,7 @@ def run_train(plan: TrainBenchPlan, *, progress: bool = False) -> dict:
     settings = {
         "presets": plan.presets, "baseline": plan.baseline, "context_length": plan.context_length,
         "batch_sizes": plan.batch_sizes, "steps": plan.steps, "warmup": plan.warmup, "compile": plan.compile,
+        "compile_mode": plan.compile_mode if plan.compile else None,
         "overrides": plan.overrides, "data": "random tokens of each model's vocabulary",
         "timer": "Trainer.tokens_per_s_steady (CUDA-synchronised at each log)",
     }
@@ -177,9 +186,10 @@ def format_train_report(report: dict) -> str:
     settings = report["settings"]
     machine = report["machine"]
     where = machine.get("gpu") or machine.get("cpu")
+    compiled = settings.get("compile_mode") or settings["compile"]
     lines = [
         f"training throughput on {where}: T={settings['context_length']}, {settings['steps']} timed steps after "
-        f"{settings['warmup']}, compile {settings['compile']}, commit {machine.get('git_commit')}",
+        f"{settings['warmup']}, compile {compiled}, commit {machine.get('git_commit')}",
         f"{'preset':24s} {'batch':>5s} {'params':>10s} {'tokens/s':>12s} {'x vs baseline':>13s} {'peak MiB':>9s}",
     ]
     for row in report["rows"]:

@@ -29,13 +29,16 @@ class RandomWindowSampler:
 
     Each window is `T + 1` consecutive tokens: the first `T` are the input, the last `T` the
     targets. All randomness comes from `generator`, whose state `state_dict` saves, so a run can be
-    resumed exactly.
+    resumed exactly. The offsets are drawn on the generator's device and the windows are cut on
+    `device`: a training run keeps its stream on the GPU and cuts every batch there, with no
+    host-side gather and no host-to-device copy of the batch.
 
     Args:
-        tokens: the token stream, `[N]` integer tensor (kept on its device).
+        tokens: the token stream, `[N]` integer tensor.
         batch_size: windows per batch, B.
         context_length: tokens per window, T.
-        generator: the torch.Generator (on the tokens' device) that picks offsets.
+        generator: the torch.Generator that picks offsets (usually a CPU one).
+        device: where the stream is kept and the batches are returned; None keeps the tokens' device.
     """
 
     def __init__(
@@ -44,12 +47,14 @@ class RandomWindowSampler:
         batch_size: int,
         context_length: int,
         generator: torch.Generator,
+        device: torch.device | str | None = None,
     ) -> None:
-        self.tokens = _check_stream(tokens, context_length, batch_size)  # [N]
+        tokens = _check_stream(tokens, context_length, batch_size)
+        self.tokens = tokens.to(device) if device is not None else tokens  # [N]
         self.batch_size = batch_size
         self.context_length = context_length
         self.generator = generator
-        self._window_positions = torch.arange(context_length + 1, device=self.tokens.device)
+        self._windows = self.tokens.unfold(0, context_length + 1, 1)  # [N - T, T + 1], a view
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one batch.
@@ -60,9 +65,9 @@ class RandomWindowSampler:
         """
         num_offsets = len(self.tokens) - self.context_length  # offsets 0 .. N - T - 1
         offsets = torch.randint(
-            num_offsets, (self.batch_size,), generator=self.generator, device=self.tokens.device
+            num_offsets, (self.batch_size,), generator=self.generator, device=self.generator.device
         )  # [B]
-        windows = self.tokens[offsets[:, None] + self._window_positions]  # [B, T + 1]
+        windows = self._windows[offsets.to(self.tokens.device)]  # [B, T + 1]
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def state_dict(self) -> dict:

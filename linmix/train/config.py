@@ -11,11 +11,14 @@ from typing import Any
 from linmix.models.param_groups import OPTIMIZER_MODES
 
 EVAL_PROTOCOLS = ("full", "random")
+# torch.compile modes: "reduce-overhead" replays the step's kernels as CUDA graphs, which removes
+# the host's launch cost from models whose step is many small kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Fields that may change between a run and its resumption: where it runs and how often it reports.
 # Every other field changes the run itself, so a resume that changes one is refused.
 FIELDS_FREE_ON_RESUME = frozenset(
-    {"out_dir", "device", "compile", "log_interval", "checkpoint_interval"}
+    {"out_dir", "device", "compile", "compile_mode", "log_interval", "checkpoint_interval"}
 )
 
 
@@ -46,6 +49,7 @@ class TrainConfig:
         seed: seed of the training batches and of the global RNGs (dropout).
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
         compile: run the model's forward through torch.compile.
+        compile_mode: the torch.compile mode, one of COMPILE_MODES (used with `compile`).
         out_dir: folder of metrics.jsonl, summary.json, best.pt and last.pt.
         log_interval: write a training record every this many steps.
         checkpoint_interval: write last.pt every this many steps; None means `eval_interval`.
@@ -70,6 +74,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "cpu"
     compile: bool = False
+    compile_mode: str = "default"
     out_dir: str = "runs/default"
     log_interval: int = 10
     checkpoint_interval: int | None = None
@@ -172,6 +177,8 @@ class TrainConfig:
             )
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be a bool, got {self.compile!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.out_dir:
             raise ValueError("out_dir must be a non-empty path")
         _check_int("log_interval", self.log_interval, low=1)

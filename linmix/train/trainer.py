@@ -143,9 +143,9 @@ class Trainer:
         self.optimizer = self._build_optimizer(param_groups_fn or param_groups)
         sampler_generator = torch.Generator().manual_seed(derive_seed(config.seed, _SAMPLER_STREAM))
         self.sampler = RandomWindowSampler(
-            self.train_tokens, config.batch_size, self.context_length, sampler_generator
+            self.train_tokens, config.batch_size, self.context_length, sampler_generator, device=self.device
         )
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.forward_model = self._compiled_model() if config.compile else self.model
 
         self.step = 0
         self.best: dict[str, dict[str, float]] = {}  # protocol -> {"loss", "ppl", "step"}
@@ -233,12 +233,7 @@ class Trainer:
         return summary
 
     def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        x, y = self.sampler.sample()  # [B, T]
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x, y = x.to(self.device), y.to(self.device)
+        x, y = self.sampler.sample()  # [B, T], on the training device
         lr = self.config.lr * lr_multiplier(
             self.step,
             self.config.warmup_steps,
@@ -247,6 +242,8 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        if self.config.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs may reuse the last one's outputs
         with autocast_for(self.device):
             _, loss = self.forward_model(x, y)
         if loss is None:
@@ -486,6 +483,11 @@ class Trainer:
                 f"outside the model's vocabulary [0, {vocab_size})"
             )
         return tokens.long().cpu()
+
+    def _compiled_model(self) -> Callable:
+        """The model through torch.compile in the config's `compile_mode`."""
+        mode = self.config.compile_mode
+        return torch.compile(self.model, mode=None if mode == "default" else mode)
 
     def _build_optimizer(self, param_groups_fn: ParamGroupsFn) -> torch.optim.Optimizer:
         groups = param_groups_fn(self.model, self.config.optimizer_mode, self.config.weight_decay)
