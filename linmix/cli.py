@@ -71,8 +71,10 @@ def cmd_presets(args) -> int:
 
 
 def _compile_fields(args) -> dict:
-    """`compile` and `compile_mode` of a TrainConfig from --compile / --compile-mode (which implies --compile)."""
-    return dict(compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode or "default")
+    """TrainConfig's `compile` from --compile / --compile-mode (which implies --compile), and `compile_mode`
+    where --compile-mode names one (else the preset's recipe decides)."""
+    fields = dict(compile=args.compile or args.compile_mode is not None)
+    return fields if args.compile_mode is None else dict(fields, compile_mode=args.compile_mode)
 
 
 def _train_config(args, preset, out_dir: Path):
@@ -312,7 +314,8 @@ def cmd_bench_train(args) -> int:
         plan = plan_train(
             args.presets, baseline=None if args.baseline == "none" else args.baseline,
             context_length=args.context_length, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
-            **_compile_fields(args), device=args.device, overrides=_parse_overrides(args.set),
+            compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode or "default",
+            device=args.device, overrides=_parse_overrides(args.set),
         )
     except ValueError as error:
         raise UsageError(str(error)) from error

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from _paths import SHARED_DATA_DIR
-from linmix.cli import _compile_fields, build_parser, main
+from linmix.cli import _compile_fields, _train_config, build_parser, main
 from linmix.train import read_metrics
 
 TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32"]
@@ -85,14 +85,25 @@ def test_bad_flag_exits_2(capsys):
 
 
 @pytest.mark.parametrize("flags, fields", [
-    ([], dict(compile=False, compile_mode="default")),
-    (["--compile"], dict(compile=True, compile_mode="default")),
+    ([], dict(compile=False)),
+    (["--compile"], dict(compile=True)),
     (["--compile-mode", "reduce-overhead"], dict(compile=True, compile_mode="reduce-overhead")),
 ])
 def test_compile_mode_implies_compile(flags, fields):
-    bench = ["bench", "train", "--context-length", "8", "--batch-sizes", "1"]
-    for command in (["train", "--preset", "kops-ts-v2"], bench):
-        assert _compile_fields(build_parser().parse_args([*command, *flags])) == fields
+    assert _compile_fields(build_parser().parse_args(["train", "--preset", "kops-ts-v2", *flags])) == fields
+
+
+def test_linear_presets_compile_as_cuda_graphs_unless_told_otherwise(tmp_path):
+    """Their recipe names "reduce-overhead": their step is many small kernels, which CUDA graphs replay."""
+    from linmix.models import get_preset
+
+    def config(preset, *flags):
+        return _train_config(build_parser().parse_args(["train", "--preset", preset, *flags]), get_preset(preset),
+                             tmp_path)
+
+    assert config("kops-ts-linear-long", "--compile").compile_mode == "reduce-overhead"
+    assert config("kops-ts-linear", "--compile", "--compile-mode", "default").compile_mode == "default"
+    assert config("kops-ts-v2", "--compile").compile_mode == "default"
 
 
 def test_unknown_compile_mode_exits_2(capsys):
