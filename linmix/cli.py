@@ -315,7 +315,7 @@ def cmd_bench_train(args) -> int:
             args.presets, baseline=None if args.baseline == "none" else args.baseline,
             context_length=args.context_length, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
             compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode or "default",
-            device=args.device, overrides=_parse_overrides(args.set),
+            device=args.device, overrides=_parse_overrides(args.set), profile_steps=args.profile_steps,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -480,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--compile", action="store_true", help="train through torch.compile")
     train_bench.add_argument("--compile-mode", choices=COMPILE_MODES,
                              help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
+    train_bench.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                             help="then profile N more steps: wall and GPU ms per step, kernel launches (default 0)")
     train_bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
     train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="model-config field for every model, e.g. decay_backend=chunk (repeatable)")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from linmix.bench.train import plan_train
+from linmix.bench.train import measure_training, plan_train
 from linmix.cli import main
 
 TINY = ["--set", "d_model=16", "--set", "rank=4", "--set", "n_k2=1"]  # fields every K-Stack preset has
@@ -48,6 +48,21 @@ def test_baseline_runs_first_and_once():
     plan = plan_train(["kops-ts-v2", "kops-ts-linear"], baseline="kops-ts-v2", context_length=8, batch_sizes=[1],
                       device="cpu")
     assert plan.models == ["kops-ts-v2", "kops-ts-linear"]
+
+
+def test_profiled_steps_add_their_costs_to_each_row(capsys):
+    assert main(["bench", "train", "--presets", "kops-ts-linear", "--baseline", "none", "--context-length", "16",
+                 "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--no-progress",
+                 "--profile-steps", "2", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "GPU ms*" in out and "over 2 more steps under torch.profiler" in out
+    plan = plan_train(["kops-ts-linear"], baseline=None, context_length=16, batch_sizes=[2], steps=1, warmup=1,
+                      device="cpu", overrides={"d_model": 16, "rank": 4, "n_k2": 1}, profile_steps=2)
+    row = measure_training("kops-ts-linear", plan, 2)
+    assert row["profiled_steps"] == 2 and row["wall_ms_per_step"] > 0
+    assert row["launches_per_step"] == 0 and "gpu_ms_per_step" not in row  # the CPU launches no kernels
+    with pytest.raises(ValueError, match="--profile-steps"):
+        plan_train(["kops-ts-linear"], context_length=16, batch_sizes=[2], profile_steps=-1)
 
 
 def test_the_compile_mode_reaches_the_plan():

@@ -12,6 +12,7 @@ Evaluation and the final checkpoint fall outside the timed steps.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ from linmix.train.config import COMPILE_MODES
 DEFAULT_BASELINE = "kops-ts-v2"
 DEFAULT_PRESETS = ("kops-ts-linear-long",)
 MIB = 2**20
+# Host calls that start work on the GPU: kernels (CUDA runtime and driver, as Triton launches them) and graphs.
+LAUNCH_CALLS = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                          "cudaGraphLaunch"})
 
 
 @dataclass
@@ -42,6 +46,7 @@ class TrainBenchPlan:
         compile_mode: its mode, one of ``COMPILE_MODES``.
         device: where everything runs.
         overrides: model-config fields applied to every preset and the baseline.
+        profile_steps: steps profiled after the timed ones (0: none).
     """
 
     presets: list[str]
@@ -54,6 +59,7 @@ class TrainBenchPlan:
     compile_mode: str
     device: torch.device
     overrides: dict = field(default_factory=dict)
+    profile_steps: int = 0
 
     @property
     def models(self) -> list[str]:
@@ -69,7 +75,7 @@ def _check_positive(option: str, value: int) -> None:
 def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAULT_BASELINE, context_length: int,
                batch_sizes: list[int], steps: int = 50, warmup: int = 10, compile: bool = False,
                compile_mode: str = "default", device: str | None = None,
-               overrides: dict | None = None) -> TrainBenchPlan:
+               overrides: dict | None = None, profile_steps: int = 0) -> TrainBenchPlan:
     """Check a training-throughput request and resolve its defaults.
 
     Args:
@@ -83,6 +89,7 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
         compile_mode: its mode, one of ``COMPILE_MODES``.
         device: "cuda", "cuda:N" or "cpu"; None for cuda when available, else cpu.
         overrides: model-config fields applied to every model (validated per preset).
+        profile_steps: after the timed steps, this many more under ``torch.profiler`` (0: none).
 
     Returns:
         the TrainBenchPlan.
@@ -97,6 +104,8 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
         _check_positive("--batch-sizes", value)
     _check_positive("--steps", steps)
     _check_positive("--warmup", warmup)
+    if not isinstance(profile_steps, int) or profile_steps < 0:
+        raise ValueError(f"--profile-steps must be a non-negative integer, got {profile_steps!r}")
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
     names = list(dict.fromkeys(presets or DEFAULT_PRESETS))
@@ -114,7 +123,7 @@ def plan_train(presets: list[str] | None = None, *, baseline: str | None = DEFAU
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     return TrainBenchPlan(names, baseline, context_length, list(batch_sizes), steps, warmup, compile, compile_mode,
-                          device, dict(overrides or {}))
+                          device, dict(overrides or {}), profile_steps)
 
 
 def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progress: bool = False) -> dict:
@@ -122,7 +131,8 @@ def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progre
 
     Returns:
         preset, batch_size, context_length, params, tokens_per_s (steady), train_time_s, the final
-        training loss's step count and, on CUDA, peak_allocated_mib.
+        training loss's step count, on CUDA peak_allocated_mib and, with ``plan.profile_steps``,
+        the fields of ``profile_steps``.
     """
     preset = with_overrides(get_preset(name), **plan.overrides, context_length=plan.context_length)
     T = plan.context_length
@@ -143,7 +153,9 @@ def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progre
             "device": str(plan.device), "compile": plan.compile, "compile_mode": plan.compile_mode,
             "out_dir": out_dir,
         })
-        summary = Trainer(model, train, val, config, progress=progress).fit()
+        trainer = Trainer(model, train, val, config, progress=progress)
+        summary = trainer.fit()
+        profile = profile_steps(trainer, plan.profile_steps) if plan.profile_steps else {}
     row = {
         "preset": name,
         "role": "baseline" if name == plan.baseline else "model",
@@ -152,10 +164,39 @@ def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progre
         "params": summary["params"],
         "tokens_per_s": summary["tokens_per_s_steady"],
         "train_time_s": summary["train_time_s"],
+        **profile,
     }
     if plan.device.type == "cuda":
         row["peak_allocated_mib"] = torch.cuda.max_memory_allocated(plan.device) / MIB
     return row
+
+
+def profile_steps(trainer: Trainer, steps: int) -> dict:
+    """Where ``steps`` more training steps spend their time, under ``torch.profiler``.
+
+    Returns:
+        profiled_steps; wall_ms_per_step (under the profiler, which slows the host a little);
+        launches_per_step, the host's kernel and CUDA-graph launches; and on CUDA gpu_ms_per_step,
+        the summed kernel time. A step whose wall time is far above its GPU time is bound by the host.
+    """
+    on_cuda = trainer.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_cuda else [])
+    synchronize = (lambda: torch.cuda.synchronize(trainer.device)) if on_cuda else (lambda: None)
+    synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        synchronize()
+        wall_s = time.perf_counter() - start
+    events = profiler.key_averages()
+    launches = sum(event.count for event in events if event.key in LAUNCH_CALLS)
+    result = {"profiled_steps": steps, "wall_ms_per_step": wall_s / steps * 1e3, "launches_per_step": launches / steps}
+    if on_cuda:
+        kernel_us = sum(event.self_device_time_total for event in events
+                        if event.device_type == torch.autograd.DeviceType.CUDA)
+        result["gpu_ms_per_step"] = kernel_us / steps / 1e3
+    return result
 
 
 def run_train(plan: TrainBenchPlan, *, progress: bool = False) -> dict:
@@ -175,7 +216,8 @@ def run_train(plan: TrainBenchPlan, *, progress: bool = False) -> dict:
         "presets": plan.presets, "baseline": plan.baseline, "context_length": plan.context_length,
         "batch_sizes": plan.batch_sizes, "steps": plan.steps, "warmup": plan.warmup, "compile": plan.compile,
         "compile_mode": plan.compile_mode if plan.compile else None,
-        "overrides": plan.overrides, "data": "random tokens of each model's vocabulary",
+        "overrides": plan.overrides, "profile_steps": plan.profile_steps,
+        "data": "random tokens of each model's vocabulary",
         "timer": "Trainer.tokens_per_s_steady (CUDA-synchronised at each log)",
     }
     return {"kind": "train", "machine": machine_info(plan.device), "settings": settings, "rows": rows}
@@ -187,17 +229,25 @@ def format_train_report(report: dict) -> str:
     machine = report["machine"]
     where = machine.get("gpu") or machine.get("cpu")
     compiled = settings.get("compile_mode") or settings["compile"]
+    profiled = bool(settings.get("profile_steps"))
+    header = f"{'preset':24s} {'batch':>5s} {'params':>10s} {'tokens/s':>12s} {'x vs baseline':>13s} {'peak MiB':>9s}"
     lines = [
         f"training throughput on {where}: T={settings['context_length']}, {settings['steps']} timed steps after "
         f"{settings['warmup']}, compile {compiled}, commit {machine.get('git_commit')}",
-        f"{'preset':24s} {'batch':>5s} {'params':>10s} {'tokens/s':>12s} {'x vs baseline':>13s} {'peak MiB':>9s}",
+        header + (f" {'ms/step*':>9s} {'GPU ms*':>8s} {'launches*':>9s}" if profiled else ""),
     ]
     for row in report["rows"]:
         ratio = "-" if row["x_vs_baseline"] is None else f"{row['x_vs_baseline']:.2f}"
         peak = row.get("peak_allocated_mib")
-        lines.append(
-            f"{row['preset']:24s} {row['batch_size']:5d} {row['params']:10,d} {row['tokens_per_s']:12,.0f} "
-            f"{ratio:>13s} {'-' if peak is None else f'{peak:.0f}':>9s}"
-        )
+        line = (f"{row['preset']:24s} {row['batch_size']:5d} {row['params']:10,d} {row['tokens_per_s']:12,.0f} "
+                f"{ratio:>13s} {'-' if peak is None else f'{peak:.0f}':>9s}")
+        if profiled:
+            gpu = row.get("gpu_ms_per_step")
+            line += (f" {row['wall_ms_per_step']:9.2f} {'-' if gpu is None else f'{gpu:.2f}':>8s}"
+                     f" {row['launches_per_step']:9.0f}")
+        lines.append(line)
     lines.append("x vs baseline = tokens/s of the row / tokens/s of the baseline at the same batch size")
+    if profiled:
+        lines.append(f"* per step over {settings['profile_steps']} more steps under torch.profiler: wall time, summed "
+                     "kernel time, host launches of kernels and CUDA graphs")
     return "\n".join(lines)

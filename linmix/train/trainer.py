@@ -208,7 +208,7 @@ class Trainer:
                 self._evaluate(log, bar)
             clock_start = time.perf_counter()
             while self.step < last_step:
-                loss, grad_norm, lr = self._train_step()
+                loss, grad_norm, lr = self.train_step()
                 self.step += 1
                 bar.update(1)
                 log_now = self.step % config.log_interval == 0 or self.step == config.max_steps
@@ -232,7 +232,16 @@ class Trainer:
         write_summary(self.out_dir / SUMMARY_FILE, summary)
         return summary
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer update on a fresh batch at the current step's learning rate.
+
+        `fit` calls it and then advances `step`, logs, evaluates and saves; called alone (as
+        `linmix bench train --profile-steps` does) it only updates the model, the optimizer and the
+        sampler. Nothing is read back from the device.
+
+        Returns:
+            (loss, gradient norm before clipping, learning rate); the first two are device scalars.
+        """
         x, y = self.sampler.sample()  # [B, T], on the training device
         lr = self.config.lr * lr_multiplier(
             self.step,

@@ -24,17 +24,18 @@ from linmix.ops._triton import launch_device
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
 MAX_BLOCK_K = 64  # largest tile of the key channels
+MAX_INTRA_BLOCK_K = 32  # largest key tile of dqk_intra: more, smaller programs ran faster on the H100
 MAX_BLOCK_V = 64  # largest tile of the value channels
 # Warps and pipeline stages of every kernel (by name, without "chunk_" and "_kernel"): the fastest of
-# 4 or 8 warps and 1 to 3 stages on an H100 at fla's and the K2 layer's shapes (docs/PERFORMANCE.md).
+# 1, 2, 4 or 8 warps and 1 to 3 stages on an H100 at fla's and the K2 layer's shapes (docs/PERFORMANCE.md).
 LAUNCH = {
     "states": dict(num_warps=4, num_stages=3),
-    "scores": dict(num_warps=4, num_stages=1),
+    "scores": dict(num_warps=2, num_stages=1),
     "output": dict(num_warps=4, num_stages=2),
     "dstates": dict(num_warps=8, num_stages=1),
     "dscores": dict(num_warps=4, num_stages=2),
     "dv": dict(num_warps=4, num_stages=2),
-    "dqk_intra": dict(num_warps=4, num_stages=1),
+    "dqk_intra": dict(num_warps=2, num_stages=1),
     "dqk": dict(num_warps=8, num_stages=1),
 }
 
@@ -309,8 +310,9 @@ def decayed_attention_backward(
         )
         dq_inside = q.new_empty(B, T, H, K, dtype=torch.float32)
         dk_inside = torch.empty_like(dq_inside)
-        kernels.chunk_dqk_intra_kernel[(_cdiv(K, BK), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
-            q, k, decay, decay, dA, dq_inside, dk_inside, K=K, BC=SUB_BLOCK, BK=BK, CONST=const, **per_chunk,
+        BK_intra = _tile_size(K, block_k, MAX_INTRA_BLOCK_K)
+        kernels.chunk_dqk_intra_kernel[(_cdiv(K, BK_intra), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
+            q, k, decay, decay, dA, dq_inside, dk_inside, K=K, BC=SUB_BLOCK, BK=BK_intra, CONST=const, **per_chunk,
             **_diagonal_options(q.dtype), **LAUNCH["dqk_intra"],
         )
         dq, dk = torch.empty_like(q), torch.empty_like(k)
