@@ -244,7 +244,8 @@ def decayed_attention_cost(shape: dict, dtype: torch.dtype) -> Cost:
 def _decayed_attention_backend(name: str) -> Callable[[dict], torch.Tensor]:
     def run(inputs: dict) -> torch.Tensor:
         q, k, v, log_gamma = inputs["q"], inputs["k"], inputs["v"], inputs["log_gamma"]
-        return decayed_attention(q, k, v, log_gamma, scale=inputs["scale"], backend=name)[0]
+        # The built decays are in range: time the kernels, not the value check's read-back (as the K2 mixer calls it).
+        return decayed_attention(q, k, v, log_gamma, scale=inputs["scale"], backend=name, check_values=False)[0]
 
     return run
 
