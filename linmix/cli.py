@@ -259,7 +259,7 @@ def cmd_bench(args) -> int:
         plan = plan_benchmark(
             args.op, backends=args.backends, modes=args.modes, shapes=args.shapes, dtype=args.dtype,
             device=args.device, options={"decay": args.decay} if args.decay else None, warmup_ms=args.warmup_ms,
-            rep_ms=args.rep_ms, peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps,
+            rep_ms=args.rep_ms, peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, kernel_calls=args.kernels,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", default="fla",
                        help="shape set (fla, tsweep, k2, small) or a JSON dict or list of dicts (default fla)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument("--kernels", type=int, default=0, metavar="N",
+                       help="also profile N calls of each timed row: every kernel's GPU time per call (CUDA)")
     bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
     bench.add_argument("--decay", choices=["constant", "per-token"],
                        help="decayed_attention: constant [H, K] decays (default) or per-token log-sigmoid gates")

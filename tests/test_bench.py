@@ -10,7 +10,7 @@ import torch
 
 from linmix.bench import OPS, Backend, get_op, mode_cost, plan_benchmark, register_backend, run_benchmark
 from linmix.bench.registry import CHUNK, FLA_SHAPES, TSWEEP_LENGTHS
-from linmix.bench.runner import add_speed_ratios, format_table, gate_backend, scaling_summary
+from linmix.bench.runner import add_speed_ratios, format_kernels, format_table, gate_backend, scaling_summary
 from linmix.cli import main
 from linmix.ops.decayed_attention import BACKENDS as DECAYED_ATTENTION_BACKENDS
 
@@ -215,8 +215,53 @@ def test_per_token_decay_and_custom_shapes():
     (["--op", "decayed_attention", "--modes", "bwd"], "modes must be"),
     (["--op", "k2_layer", "--decay", "per-token"], "takes no option decay"),
     (["--op", "nope"], "unknown op"),
+    (["--op", "decayed_attention", "--kernels", "3"], "per-kernel GPU times need a CUDA device"),
+    (["--op", "decayed_attention", "--kernels", "-1"], "kernels must be a non-negative"),
     ([], "--op is needed"),
 ])
 def test_usage_errors_exit_2(flags, message, capsys):
     assert main(["bench", *flags, "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_kernel_blocks_list_each_kernel_with_its_share():
+    row = {"backend": "triton", "mode": "fwd", "label": "B1 T8", "median_ms": 0.05,
+           "kernels_us": {"chunk_scores_kernel": 30.0, "chunk_states_kernel": 10.0}}
+    lines = format_kernels({"rows": [row, {**row, "kernels_us": None}]})
+    assert lines[0] == "kernels of triton fwd B1 T8: 40 us per call (timed call 50 us)"
+    assert "75.0%  chunk_scores_kernel" in lines[1] and "25.0%  chunk_states_kernel" in lines[2]
+    assert len(lines) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in DECAYED_ATTENTION_BACKENDS,
+                    reason="needs a CUDA device and triton")
+def test_gpu_kernel_times_name_the_triton_kernels():
+    plan = plan_benchmark("decayed_attention", backends=["triton"], modes=["fwd", "fwdbwd"], device="cuda",
+                          shapes='[{"B": 2, "T": 300, "H": 2, "K": 32, "V": 64}]', warmup_ms=1, rep_ms=2,
+                          kernel_calls=3)
+    rows = run_benchmark(plan)["rows"]
+    forward, both = (set(row["kernels_us"]) for row in rows)
+    assert {"chunk_states_kernel", "chunk_scores_kernel", "chunk_output_kernel"} <= forward
+    assert {"chunk_dstates_kernel", "chunk_dqk_kernel"} <= both - forward
+    assert all(us > 0 for row in rows for us in row["kernels_us"].values())
+
+
+def test_kernel_traffic_column_appears_only_with_a_traffic_model():
+    row = {"op": "decayed_attention", "backend": "triton", "mode": "fwd", "label": "B1 T8", "median_ms": 1.0,
+           "p20_ms": 1.0, "p80_ms": 1.0, "tflops": 1.0, "gbps": 10.0, "roofline_pct": 5.0, "bound": "memory",
+           "gate": "passed", "vs": {}, "status": "ok", "kernel_gbps": 1675.0, "kernel_bandwidth_pct": 50.0}
+    without = {key: value for key, value in row.items() if not key.startswith("kernel")}
+    table = format_table({"rows": [row, {**without, "backend": "fla"}]}).splitlines()
+    assert "kernel traffic" in table[0] and "1675 (50%)" in table[1] and " - " in table[2]
+    assert "kernel traffic" not in format_table({"rows": [without]})
+
+
+def test_the_triton_backend_reports_its_kernel_traffic_model():
+    backend = get_op("decayed_attention").backends.get("triton")
+    if backend is None:
+        pytest.skip("triton is not installed")
+    shape = {"B": 8, "T": 2048, "H": 16, "K": 128, "V": 128, "decay": "per-token"}
+    per_row = backend.traffic(shape, torch.bfloat16, "fwdbwd") / (8 * 2048 * 16)
+    assert per_row == pytest.approx(20032)  # about 4.6x the ideal 3 in + 2 out = 4352 bytes per position and head
+    assert get_op("decayed_attention").backends["chunk"].traffic is None

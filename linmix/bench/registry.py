@@ -30,11 +30,15 @@ Bytes are an ideal-traffic model: the forward reads every input once and writes 
 the backward reads the inputs and the output gradient and writes the input gradients:
 ``fwd = in + out``, ``fwdbwd = fwd + (in + out) + in = 3 in + 2 out``. Tensors are counted in the
 benchmark dtype, except log decays, kept in float32; layers count their parameters as inputs.
-Activations a backend keeps between its kernels are not counted, so GB/s is a lower bound.
+Activations a backend keeps between its kernels are not counted, so GB/s is a lower bound. A
+backend may add its own model of the bytes its kernels move (``Backend.traffic``; the Triton
+decayed_attention kernels have one, with their float32 chunk states, scores and summed decays):
+the bench then also reports that traffic's share of the memory roof ("kernel traffic").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -112,6 +116,8 @@ class Backend:
         needs_cuda: only runs on a CUDA device.
         missing: ``() -> reason`` the backend cannot be imported (e.g. "not installed"), or None.
         gate_tolerance: relative RMS error allowed by the gate; None uses the op's.
+        traffic: ``(shape, dtype, mode) -> bytes`` its kernels read and write in one call, by the
+            backend's own model (beside the op's ideal traffic); None where there is none.
     """
 
     run: Callable[[dict], torch.Tensor]
@@ -123,6 +129,7 @@ class Backend:
     needs_cuda: bool = False
     missing: Callable[[], str | None] = _always_available
     gate_tolerance: float | None = None
+    traffic: Callable[[dict, torch.dtype, str], float] | None = None
 
 
 @dataclass
@@ -296,9 +303,17 @@ DECAY_BACKEND_LIMITS = {
 }
 
 
+def _triton_kernel_traffic(shape: dict, dtype: torch.dtype, mode: str) -> float:
+    """Bytes the Triton decayed_attention kernels move in one call (their model: ``triton.kernel_traffic``)."""
+    traffic = importlib.import_module("linmix.ops.decayed_attention.triton").kernel_traffic
+    return traffic(*(shape[key] for key in "BTHKV"), dtype.itemsize, shape["decay"] == "per-token", mode == "fwdbwd")
+
+
 def _decayed_attention_backends() -> dict[str, Backend]:
     backends = {name: Backend(_decayed_attention_backend(name), **DECAY_BACKEND_LIMITS.get(name, {}))
                 for name in DECAYED_ATTENTION_BACKENDS}
+    if "triton" in backends:
+        backends["triton"] = dataclasses.replace(backends["triton"], traffic=_triton_kernel_traffic)
     # fla's tl.dot multiplies float32 in TF32 (Triton's default), so it is held to the 5e-3 of fla's GLA tests.
     backends["fla"] = Backend(_decayed_attention_backend("fla"), **DECAY_BACKEND_LIMITS["fla"], gate_tolerance=5e-3)
     backends["sdpa"] = Backend(_run_sdpa, prepare=_sdpa_inputs, baseline=True, cost=sdpa_cost)

@@ -14,6 +14,7 @@ import json
 import math
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +52,7 @@ class Plan:
         rep_ms: timed time per measurement.
         peak_tflops: compute roof in TFLOP/s, or None (no roofline).
         peak_gbps: memory roof in GB/s, or None.
+        kernel_calls: calls profiled per timed row for its per-kernel GPU times (0: none; CUDA only).
     """
 
     op: Op
@@ -65,6 +67,7 @@ class Plan:
     rep_ms: float
     peak_tflops: float | None
     peak_gbps: float | None
+    kernel_calls: int = 0
 
 
 def _parse_shapes(op: Op, shapes: str, options: dict) -> tuple[str, list[dict]]:
@@ -99,7 +102,7 @@ def _parse_shapes(op: Op, shapes: str, options: dict) -> tuple[str, list[dict]]:
 def plan_benchmark(op: str, *, backends: list[str] | None = None, modes: list[str] | None = None,
                    shapes: str = "fla", dtype: str = "bf16", device: str | None = None,
                    options: dict | None = None, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-                   peak_tflops: float | None = None, peak_gbps: float | None = None) -> Plan:
+                   peak_tflops: float | None = None, peak_gbps: float | None = None, kernel_calls: int = 0) -> Plan:
     """Check a benchmark request and resolve its defaults.
 
     Args:
@@ -114,6 +117,8 @@ def plan_benchmark(op: str, *, backends: list[str] | None = None, modes: list[st
         rep_ms: timed time per measurement.
         peak_tflops: compute roof; None for the H100's peak in ``dtype`` on CUDA, no roofline on CPU.
         peak_gbps: memory roof; None for the H100's HBM3 on CUDA, no roofline on CPU.
+        kernel_calls: after timing a row, profile this many more calls and record each kernel's
+            GPU time per call (CUDA only; 0 for none).
 
     Returns:
         the Plan.
@@ -134,6 +139,8 @@ def plan_benchmark(op: str, *, backends: list[str] | None = None, modes: list[st
     for name, value in (("warmup_ms", warmup_ms), ("rep_ms", rep_ms)):
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if not isinstance(kernel_calls, int) or kernel_calls < 0:
+        raise ValueError(f"kernels must be a non-negative number of calls, got {kernel_calls!r}")
     options = dict(options or {})
     unknown_options = set(options) - set(spec.options)
     if unknown_options:
@@ -151,11 +158,13 @@ def plan_benchmark(op: str, *, backends: list[str] | None = None, modes: list[st
         raise ValueError("device cuda was asked for, but torch sees no CUDA device")
     shape_set, shape_list = _parse_shapes(spec, shapes, options)
     on_gpu = resolved.type == "cuda"
+    if kernel_calls and not on_gpu:
+        raise ValueError("kernels: per-kernel GPU times need a CUDA device")
     return Plan(
         op=spec, backends=backends, modes=modes, shapes=shape_list, shape_set=shape_set, options=options,
         dtype=dtype, device=resolved, warmup_ms=warmup_ms, rep_ms=rep_ms,
         peak_tflops=peak_tflops or (H100_PEAK_TFLOPS[dtype] if on_gpu else None),
-        peak_gbps=peak_gbps or (H100_PEAK_GBPS if on_gpu else None),
+        peak_gbps=peak_gbps or (H100_PEAK_GBPS if on_gpu else None), kernel_calls=kernel_calls,
     )
 
 
@@ -274,18 +283,11 @@ def _detached_leaves(prepared: dict) -> dict:
             for key, value in prepared.items()}
 
 
-def time_backend(plan: Plan, name: str, inputs: dict, shape: dict, mode: str) -> Timing:
-    """Time one backend on inputs built once; in fwdbwd the output gradient is fixed and random.
+def _timed_step(plan: Plan, name: str, inputs: dict, shape: dict, mode: str) -> tuple[Callable[[], None], list]:
+    """The call that a row times, and the tensors whose gradients are reset before each call.
 
-    Args:
-        plan: the benchmark plan (device, warm-up and timed durations).
-        name: the backend.
-        inputs: the op's inputs for ``shape`` (requiring grad in fwdbwd).
-        shape: the shape dict.
-        mode: "fwd" (forward under ``torch.no_grad``) or "fwdbwd" (forward and backward).
-
-    Returns:
-        the Timing.
+    In fwd the forward runs under ``torch.no_grad``; in fwdbwd the forward and the backward of a
+    fixed random output gradient.
     """
     backend = plan.op.backends[name]
     prepared = _detached_leaves(backend.prepare(inputs, shape))
@@ -303,7 +305,42 @@ def time_backend(plan: Plan, name: str, inputs: dict, shape: dict, mode: str) ->
         def step():
             backend.run(prepared).backward(do)  # the gradient of (o * do).sum()
         grads = list(_grad_targets(prepared, prepared).values())
+    return step, grads
+
+
+def time_backend(plan: Plan, name: str, inputs: dict, shape: dict, mode: str) -> Timing:
+    """Time one backend on inputs built once; in fwdbwd the output gradient is fixed and random.
+
+    Args:
+        plan: the benchmark plan (device, warm-up and timed durations).
+        name: the backend.
+        inputs: the op's inputs for ``shape`` (requiring grad in fwdbwd).
+        shape: the shape dict.
+        mode: "fwd" (forward under ``torch.no_grad``) or "fwdbwd" (forward and backward).
+
+    Returns:
+        the Timing.
+    """
+    step, grads = _timed_step(plan, name, inputs, shape, mode)
     return measure(step, plan.device, warmup_ms=plan.warmup_ms, rep_ms=plan.rep_ms, grad_to_none=grads)
+
+
+def kernel_times(plan: Plan, name: str, inputs: dict, shape: dict, mode: str) -> dict[str, float]:
+    """GPU microseconds per call of every kernel a row's call launches, over ``plan.kernel_calls`` calls.
+
+    The calls run back to back under ``torch.profiler`` (after the timing, so everything is
+    compiled); the times are the kernels' own, without launch gaps, largest first.
+    """
+    step, grads = _timed_step(plan, name, inputs, shape, mode)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(plan.kernel_calls):
+            for tensor in grads:
+                tensor.grad = None
+            step()
+        torch.cuda.synchronize(plan.device)
+    per_call = {event.key: event.self_device_time_total / plan.kernel_calls for event in profiler.key_averages()
+                if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0}
+    return dict(sorted(per_call.items(), key=lambda item: -item[1]))
 
 
 def _performance(plan: Plan, name: str, shape: dict, mode: str, timing: Timing) -> dict:
@@ -316,6 +353,12 @@ def _performance(plan: Plan, name: str, shape: dict, mode: str, timing: Timing) 
         compute_s, memory_s = flops / (plan.peak_tflops * 1e12), traffic / (plan.peak_gbps * 1e9)
         result["roofline_pct"] = 100 * max(compute_s, memory_s) / seconds
         result["bound"] = "compute" if compute_s >= memory_s else "memory"
+    kernel_traffic = plan.op.backends[name].traffic
+    if kernel_traffic is not None:
+        kernel_bytes = kernel_traffic(shape, DTYPES[plan.dtype], mode)
+        result.update(kernel_bytes=kernel_bytes, kernel_gbps=kernel_bytes / seconds / 1e9, kernel_bandwidth_pct=None)
+        if plan.peak_gbps:
+            result["kernel_bandwidth_pct"] = 100 * result["kernel_gbps"] / plan.peak_gbps
     return result
 
 
@@ -340,6 +383,8 @@ def _measure_row(plan: Plan, row: dict, inputs: dict, shape: dict) -> None:
             torch.cuda.empty_cache()
     row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms)
     row.update(_performance(plan, row["backend"], shape, row["mode"], timing))
+    if plan.kernel_calls:
+        row["kernels_us"] = kernel_times(plan, row["backend"], inputs, shape, row["mode"])
 
 
 def _skip_reason(plan: Plan, name: str, shape: dict, gate: dict | None,
@@ -498,7 +543,7 @@ def run_benchmark(plan: Plan, progress=None) -> dict:
         "options": plan.options, "dtype": plan.dtype, "device": str(plan.device), "timer": timer_name(plan.device),
         "warmup_ms": plan.warmup_ms, "rep_ms": plan.rep_ms, "peak_tflops": plan.peak_tflops,
         "peak_gbps": plan.peak_gbps, "gate_shape": op.gate_shape, "gate_reference": op.reference,
-        "cost_model": "linmix/bench/registry.py (module docstring)",
+        "cost_model": "linmix/bench/registry.py (module docstring)", "kernel_calls": plan.kernel_calls,
     }
     return {"machine": machine_info(plan.device), "settings": settings, "gates": gates, "rows": rows,
             "summary": scaling_summary(rows)}
@@ -538,20 +583,30 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _kernel_traffic_cell(row: dict) -> str:
+    """``"GB/s (percent of the memory roof)"`` of a backend's own kernel traffic, or "-"."""
+    if row.get("kernel_gbps") is None:
+        return "-"
+    share = row.get("kernel_bandwidth_pct")
+    return f"{row['kernel_gbps']:.4g}" + ("" if share is None else f" ({share:.0f}%)")
+
+
 def format_table(report: dict) -> str:
     """The rows as an aligned text table with one "x vs NAME" column per baseline measured."""
     rows = report["rows"]
     ratio_names = list(dict.fromkeys(name for row in rows for name in row["vs"]))
-    header = ["op", "backend", "mode", "shape", "ms", "p20", "p80", "TFLOP/s", "GB/s", "roofline", "gate",
-              *(f"x vs {name}" for name in ratio_names), "note"]
+    with_traffic = any(row.get("kernel_gbps") is not None for row in rows)
+    header = ["op", "backend", "mode", "shape", "ms", "p20", "p80", "TFLOP/s", "GB/s", "roofline",
+              *(["kernel traffic"] if with_traffic else []), "gate", *(f"x vs {name}" for name in ratio_names), "note"]
     table = [header]
     for row in rows:
         roofline = "-" if row.get("roofline_pct") is None else f"{row['roofline_pct']:.0f}% {row['bound']}"
         note = "" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        traffic = [_kernel_traffic_cell(row)] if with_traffic else []
         table.append([
             row["op"], row["backend"], row["mode"], row["label"], _number(row["median_ms"], ".3f"),
             _number(row["p20_ms"], ".3f"), _number(row["p80_ms"], ".3f"), _number(row.get("tflops"), ".3g"),
-            _number(row.get("gbps"), ".4g"), roofline, row["gate"] or "-",
+            _number(row.get("gbps"), ".4g"), roofline, *traffic, row["gate"] or "-",
             *(_number(row["vs"].get(name), ".2f") for name in ratio_names), note,
         ])
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -588,7 +643,21 @@ def format_report(report: dict) -> str:
     if any(row["vs"] for row in report["rows"]):
         lines.append("x vs NAME = time(NAME) / time(row), on the same shape and mode: above 1 is faster than NAME")
     summary = format_summary(report["summary"])
-    return "\n".join(lines + ([summary] if summary else []))
+    return "\n".join(lines + ([summary] if summary else []) + format_kernels(report))
+
+
+def format_kernels(report: dict, *, width: int = 60) -> list[str]:
+    """One block per row with per-kernel times: each kernel's GPU us per call and share of their sum."""
+    lines = []
+    for row in report["rows"]:
+        kernels = row.get("kernels_us")
+        if not kernels:
+            continue
+        total = sum(kernels.values())
+        lines.append(f"kernels of {row['backend']} {row['mode']} {row['label']}: {total:.0f} us per call "
+                     f"(timed call {1e3 * row['median_ms']:.0f} us)")
+        lines += [f"  {us:9.1f} us {100 * us / total:5.1f}%  {name[:width]}" for name, us in kernels.items()]
+    return lines
 
 
 def format_op_list(device: torch.device) -> str:

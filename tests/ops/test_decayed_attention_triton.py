@@ -358,3 +358,44 @@ def test_k2_layer_compiles_without_graph_break():
     compiled_grads = torch.autograd.grad(compiled(x), params)
     for i, (ref, out) in enumerate(zip(eager_grads, compiled_grads, strict=True)):
         assert_close(f"grad {i}", ref, out, ratio=1e-6)
+
+
+class _LaunchRecorder:
+    """Stands in for the kernel module: each ``kernel[grid](...)`` records the bytes of the distinct tensors it gets."""
+
+    def __init__(self):
+        self.bytes = {}
+
+    def __getattr__(self, kernel_name):
+        def launch(*args, **kwargs):
+            tensors = {t.data_ptr(): t.nbytes for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+            self.bytes[kernel_name] = self.bytes.get(kernel_name, 0) + sum(tensors.values())
+
+        return _Grid(launch)
+
+
+class _Grid:
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __getitem__(self, grid):
+        return self.launch
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_kernel_traffic_model_counts_every_tensor_each_kernel_touches(monkeypatch, per_token):
+    """``kernel_traffic`` (the bench's "kernel traffic") equals the bytes of the tensors passed to each launch."""
+    tri = sys.modules["linmix.ops.decayed_attention.triton"]
+    recorder = _LaunchRecorder()
+    monkeypatch.setattr(tri, "_kernels", lambda: recorder)
+    B, T, H, K, V = 2, 100, 3, 32, 48
+    q, k = (torch.randn(B, T, H, K, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    v = torch.randn(B, T, H, V, dtype=torch.bfloat16, device=DEVICE)
+    log_gamma = -torch.rand((B, T, H, K) if per_token else (H, K), device=DEVICE)
+    o, _, h, A, decay = decayed_attention_forward(q, k, v, log_gamma, 1.0, None)
+    forward = sum(recorder.bytes.values())
+    assert set(recorder.bytes) == {"chunk_states_kernel", "chunk_scores_kernel", "chunk_output_kernel"}
+    assert forward == tri.kernel_traffic(B, T, H, K, V, 2, per_token, backward=False)
+    decayed_attention_backward(q, k, v, log_gamma, 1.0, None, torch.randn_like(o), None, h, A, decay)
+    assert len(recorder.bytes) == 8
+    assert sum(recorder.bytes.values()) == tri.kernel_traffic(B, T, H, K, V, 2, per_token, backward=True)

@@ -326,6 +326,44 @@ def decayed_attention_backward(
     return dq, dk, dv, dg, dh0
 
 
+def kernel_traffic(B: int, T: int, H: int, K: int, V: int, itemsize: int, per_token: bool, backward: bool) -> int:
+    """Bytes the kernels read and write in one forward, and with ``backward`` also in its backward.
+
+    Every tensor a kernel reads or writes is counted once for that kernel, whatever its tiling (a
+    tile that several programs read again is assumed to come from the L2 cache): a lower bound on
+    the kernels' DRAM traffic. ``q, k, v, o`` and their gradients are ``itemsize`` bytes per
+    element; the chunk states and their gradient, the in-chunk scores and their gradient, the
+    decays, the in-chunk parts of ``dq, dk`` and ``dlog_gamma`` are float32. Plain batches only
+    (no ``cu_seqlens``) and no initial state, as ``linmix bench`` runs the op.
+
+    Args:
+        B, T, H, K, V: the shapes of ``q [B, T, H, K]`` and ``v [B, T, H, V]``.
+        itemsize: bytes per element of q, k and v.
+        per_token: whether the decay is per token ``[B, T, H, K]`` (else constant, ``[H, K]``).
+        backward: add the backward's kernels, which reuse the forward's states and scores.
+    """
+    rows = B * T * H  # positions times heads
+    qk, vv = rows * K * itemsize, rows * V * itemsize  # one [B, T, H, K] / [B, T, H, V] tensor
+    per_row = rows * K * 4  # a float32 [B, T, H, K] tensor
+    decay = per_row if per_token else H * K * 4  # what the kernels read: the in-chunk sums, or log_gamma
+    states = B * _cdiv(T, CHUNK) * H * K * V * 4  # chunk states, or their gradient
+    final = B * H * K * V * 4  # final states, or the initial states' gradient
+    scores = rows * CHUNK * 4  # in-chunk scores, or their gradient
+    forward = ((qk + vv + decay) + (decay if per_token else 0) + states + final  # states: k, v, log_gamma -> ...
+               + (2 * qk + decay) + scores  # scores: q, k, decay -> A
+               + (qk + vv + decay + states + scores) + vv)  # output: q, v, decay, states, A -> o
+    if not backward:
+        return forward
+    return forward + (
+        (qk + decay + vv) + states + final  # dstates: q, decay, do -> dh, dh0
+        + 2 * vv + scores  # dscores: v, do -> dA
+        + (qk + decay + vv + states + scores) + vv  # dv: k, decay, do, dh, A -> dv
+        + (2 * qk + decay + scores) + 2 * per_row  # dqk_intra: q, k, decay, dA -> dq and dk inside the chunks
+        + (2 * qk + vv + decay + 2 * states + vv + scores + 2 * per_row)  # dqk: q, k, v, decay, h, do, dh, dA, parts
+        + 2 * qk + per_row  # -> dq, dk, dlog_gamma per token (summed afterwards for a constant decay)
+    )
+
+
 @torch.library.custom_op("linmix::decayed_attention_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
