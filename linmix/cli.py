@@ -314,8 +314,8 @@ def cmd_bench_train(args) -> int:
         plan = plan_train(
             args.presets, baseline=None if args.baseline == "none" else args.baseline,
             context_length=args.context_length, batch_sizes=args.batch_sizes, steps=args.steps, warmup=args.warmup,
-            compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode or "default",
-            device=args.device, overrides=_parse_overrides(args.set), profile_steps=args.profile_steps,
+            **{"compile_mode": "default", **_compile_fields(args)}, device=args.device,
+            overrides=_parse_overrides(args.set), profile_steps=args.profile_steps,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
