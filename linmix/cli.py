@@ -326,10 +326,17 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `linmix` command."""
+def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
+    """--compile and --compile-mode, read back by `_compile_fields`."""
     from linmix.train.config import COMPILE_MODES
 
+    parser.add_argument("--compile", action="store_true", help="train through torch.compile")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `linmix` command."""
     parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -354,9 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-random-iters", type=int)
     train.add_argument("--eval-protocols", type=_csv(str), help="comma list of full,random")
     train.add_argument("--log-interval", type=int)
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--compile-mode", choices=COMPILE_MODES,
-                       help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
+    _add_compile_flags(train)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -479,9 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--batch-sizes", type=_csv(int), required=True, help="comma list of windows per step")
     train_bench.add_argument("--steps", type=int, default=50, help="timed optimizer steps per run (default 50)")
     train_bench.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
-    train_bench.add_argument("--compile", action="store_true", help="train through torch.compile")
-    train_bench.add_argument("--compile-mode", choices=COMPILE_MODES,
-                             help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
+    _add_compile_flags(train_bench)
     train_bench.add_argument("--profile-steps", type=int, default=0, metavar="N",
                              help="then profile N more steps: wall and GPU ms per step, kernel launches (default 0)")
     train_bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from linmix.bench import OPS, Backend, get_op, mode_cost, plan_benchmark, register_backend, run_benchmark
-from linmix.bench.registry import CHUNK, FLA_SHAPES, TSWEEP_LENGTHS
+from linmix.bench.registry import CHUNK, FLA_SHAPES, TSWEEP_LENGTHS, _triton_kernel_traffic
 from linmix.bench.runner import add_speed_ratios, format_kernels, format_table, gate_backend, scaling_summary
 from linmix.cli import main
 from linmix.ops.decayed_attention import BACKENDS as DECAYED_ATTENTION_BACKENDS
@@ -257,11 +257,9 @@ def test_kernel_traffic_column_appears_only_with_a_traffic_model():
     assert "kernel traffic" not in format_table({"rows": [without]})
 
 
-def test_the_triton_backend_reports_its_kernel_traffic_model():
-    backend = get_op("decayed_attention").backends.get("triton")
-    if backend is None:
-        pytest.skip("triton is not installed")
+def test_the_triton_kernel_traffic_model_and_who_reports_it():
     shape = {"B": 8, "T": 2048, "H": 16, "K": 128, "V": 128, "decay": "per-token"}
-    per_row = backend.traffic(shape, torch.bfloat16, "fwdbwd") / (8 * 2048 * 16)
+    per_row = _triton_kernel_traffic(shape, torch.bfloat16, "fwdbwd") / (8 * 2048 * 16)
     assert per_row == pytest.approx(20032)  # about 4.6x the ideal 3 in + 2 out = 4352 bytes per position and head
-    assert get_op("decayed_attention").backends["chunk"].traffic is None
+    backends = get_op("decayed_attention").backends
+    assert backends["chunk"].traffic is None and backends["fla"].traffic is None

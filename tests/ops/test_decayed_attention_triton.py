@@ -399,3 +399,8 @@ def test_kernel_traffic_model_counts_every_tensor_each_kernel_touches(monkeypatc
     decayed_attention_backward(q, k, v, log_gamma, 1.0, None, torch.randn_like(o), None, h, A, decay)
     assert len(recorder.bytes) == 8
     assert sum(recorder.bytes.values()) == tri.kernel_traffic(B, T, H, K, V, 2, per_token, backward=True)
+    from linmix.bench import get_op  # imported late: it imports triton, which must see TRITON_INTERPRET first
+
+    bench_backend = get_op("decayed_attention").backends["triton"]  # the bench reports this model as "kernel traffic"
+    shape = dict(B=B, T=T, H=H, K=K, V=V, decay="per-token" if per_token else "constant")
+    assert bench_backend.traffic(shape, torch.bfloat16, "fwdbwd") == sum(recorder.bytes.values())
