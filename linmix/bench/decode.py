@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linmix.bench.registry import INPUT_SEED
-from linmix.bench.runner import DTYPES, machine_info
+from linmix.bench.runner import DTYPES, machine_info, machine_line
 from linmix.bench.timing import QUANTILES, Timing
 from linmix.layers import CausalSelfAttention, attention
 from linmix.models import build, get_preset
@@ -412,10 +412,8 @@ def format_decode_table(report: dict) -> str:
 def format_decode_report(report: dict) -> str:
     """The machine line, the models, the table and the growth summary as printed by ``linmix bench decode``."""
     machine, settings = report["machine"], report["settings"]
-    where = machine["gpu"] or machine["cpu"] or machine["device"]
     lines = [
-        f"decode on {where}: torch {machine['torch']}, CUDA {machine['cuda']}, triton {machine['triton']}, "
-        f"commit {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}, {machine['date']}",
+        machine_line("decode", machine),
         f"dtype {settings['dtype']}, batch {settings['batch_size']}, prompt {settings['prompt_tokens']} tokens, "
         f"{'greedy' if settings['temperature'] == 0 else 'temperature ' + str(settings['temperature'])}, "
         f"median of the {settings['window']} steps before each checkpoint (reached by {settings['reached_by']}), "

@@ -628,13 +628,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_line(title: str, machine: dict) -> str:
+    """``"<title> on <GPU or CPU>: torch ..., CUDA ..., triton ..., commit ..., <date>"`` of a report's machine."""
+    where = machine["gpu"] or machine["cpu"] or machine["device"]
+    return (f"{title} on {where}: torch {machine['torch']}, CUDA {machine['cuda']}, triton {machine['triton']}, "
+            f"commit {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}, {machine['date']}")
+
+
 def format_report(report: dict) -> str:
     """The machine line, the table and the summary as printed by ``linmix bench``."""
     machine, settings = report["machine"], report["settings"]
-    where = machine["gpu"] or machine["cpu"] or machine["device"]
     lines = [
-        f"{settings['op']} on {where}: torch {machine['torch']}, CUDA {machine['cuda']}, triton {machine['triton']}, "
-        f"commit {machine['git_commit']}{' (dirty)' if machine['git_dirty'] else ''}, {machine['date']}",
+        machine_line(settings["op"], machine),
         f"dtype {settings['dtype']}, options {settings['options']}, timer {settings['timer']}, "
         f"warm-up {settings['warmup_ms']} ms, timed {settings['rep_ms']} ms, roofline peaks "
         f"{settings['peak_tflops']} TFLOP/s and {settings['peak_gbps']} GB/s",
