@@ -21,6 +21,8 @@ class UsageError(Exception):
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs as {KEY: VALUE}, each value read as YAML; a mixer field's KEY may be
+    written mixer_kwargs.FIELD."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -99,7 +101,7 @@ def cmd_train(args) -> int:
     """Train a preset; print the best validation perplexity."""
     import torch
 
-    from linmix.models import MODEL_CLASSES, get_preset, model_spec, with_overrides
+    from linmix.models import get_preset, model_spec, with_overrides
     from linmix.train import Trainer
 
     try:
@@ -116,7 +118,7 @@ def cmd_train(args) -> int:
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
     corpus = _load_corpus(preset, args.data)
     torch.manual_seed(config.seed)
-    model = MODEL_CLASSES[preset.model_kind](preset.model_config(vocab_size=corpus.vocab_size))
+    model = preset.build_model(vocab_size=corpus.vocab_size)
     meta = {"preset": preset.name, "model": model_spec(model), "vocab": corpus.vocab}
     print(f"preset {preset.name}: {model.num_parameters():,} parameters, device {config.device}, out {out_dir}")
     try:
@@ -244,22 +246,30 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Benchmark an op's backends against baselines measured in the same run; print a table,
-    optionally write JSON and a plot; exit 1 if a backend failed the correctness gate."""
+    """Benchmark an op's backends, or a mixer's, against baselines measured in the same run; print a
+    table, optionally write JSON and a plot; exit 1 if a backend failed the correctness gate."""
     import torch
 
-    from linmix.bench import format_op_list, format_report, plan_benchmark, plot_times, run_benchmark, write_json
+    from linmix.bench import (
+        format_list,
+        format_report,
+        parse_options,
+        plan_benchmark,
+        plot_times,
+        run_benchmark,
+        write_json,
+    )
 
     if args.list:
-        print(format_op_list(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))))
+        print(format_list(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))))
         return 0
     if not args.op:
         raise UsageError("--op is needed (see `linmix bench --list`)")
     try:
         plan = plan_benchmark(
-            args.op, backends=args.backends, modes=args.modes, shapes=args.shapes, dtype=args.dtype,
-            device=args.device, options={"decay": args.decay} if args.decay else None, warmup_ms=args.warmup_ms,
-            rep_ms=args.rep_ms, peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, kernel_calls=args.kernels,
+            args.op, mixer=args.mixer, backends=args.backends, modes=args.modes, shapes=args.shapes, dtype=args.dtype,
+            device=args.device, options=parse_options(args.option), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+            peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps, kernel_calls=args.kernels,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -365,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a model config field, e.g. --set decay_backend=chunk")
+                       help="override a model config field or a field of its mixer, e.g. --set decay_backend=chunk "
+                            "or --set mixer_kwargs.rank=16 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=cmd_train)
 
@@ -414,31 +425,40 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--reference", metavar="DIR", help="a run or sweep drawn dashed as the reference curve")
     plot.set_defaults(run=cmd_plot)
 
+    from linmix.layers import MIXERS
+    from linmix.ops import OPS
+
     bench = sub.add_parser(
-        "bench", help="benchmark an op's backends against baselines (correctness-gated), or decoding",
-        description="Gate every backend against the op's float64 reference on a small shape, then time it on "
-                    "each shape and mode beside the baselines of the same run. Exits 1 if a backend fails the gate. "
-                    "`linmix bench decode` benchmarks step-by-step decoding instead, and `linmix bench train` "
-                    "training throughput (see their --help).",
+        "bench", help="benchmark an op's or a mixer's backends against baselines (correctness-gated), or decoding",
+        description="Gate every backend against the float64 reference (the naive backend) on a small shape, then "
+                    "time it on each shape and mode beside the baselines of the same run. Exits 1 if a backend fails "
+                    "the gate. `linmix bench decode` benchmarks step-by-step decoding instead, and `linmix bench "
+                    "train` training throughput (see their --help).",
     )
-    bench.add_argument("--list", action="store_true", help="list the ops, their backends and shape sets")
-    bench.add_argument("--op", help="decayed_attention, k2_layer or causal_kernel")
-    bench.add_argument("--backends", type=_csv(str), help="comma list (default: the op's defaults, see --list)")
+    bench.add_argument("--list", action="store_true",
+                       help="list the op entries (backends, baselines, shape sets, options) and the mixers")
+    bench.add_argument("--op", help=f"an op ({', '.join(OPS)}) or layer (a mixer, with --mixer); "
+                                    "`--op k2_layer` is now `--op layer --mixer k2`")
+    bench.add_argument("--mixer", help=f"with --op layer: a registered mixer ({', '.join(MIXERS)})")
+    bench.add_argument("--backends", type=_csv(str), help="comma list (default: the entry's defaults, see --list)")
     bench.add_argument("--modes", type=_csv(str), default=["fwd", "fwdbwd"], help="comma list of fwd,fwdbwd")
     bench.add_argument("--shapes", default="fla",
-                       help="shape set (fla, tsweep, k2, small) or a JSON dict or list of dicts (default fla)")
+                       help="a shape set of the entry (see --list) or a JSON dict or list of dicts (default fla)")
+    bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="an option of the op's entry, e.g. regime=token_typical, or with --op layer a config "
+                            "field of the mixer, e.g. rank=64; the value is read as YAML (repeatable)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     bench.add_argument("--kernels", type=int, default=0, metavar="N",
                        help="also profile N calls of each timed row: every kernel's GPU time per call (CUDA)")
     bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
-    bench.add_argument("--decay", choices=["constant", "per-token"],
-                       help="decayed_attention: constant [H, K] decays (default) or per-token log-sigmoid gates")
     bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, gates, rows)")
     bench.add_argument("--plot", metavar="OUT.png", help="draw time against T per backend (log-log)")
     bench.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (default 25)")
     bench.add_argument("--rep-ms", type=float, default=100.0, help="timed duration per measurement (default 100)")
-    bench.add_argument("--peak-tflops", type=float, help="compute roof (default: H100 dense peak of --dtype on CUDA)")
-    bench.add_argument("--peak-gbps", type=float, help="memory roof in GB/s (default: H100 HBM3, 3350, on CUDA)")
+    bench.add_argument("--peak-tflops", type=float,
+                       help="compute roof (default: the GPU's datasheet peak in --dtype, looked up by its name)")
+    bench.add_argument("--peak-gbps", type=float,
+                       help="memory roof in GB/s (default: the GPU's datasheet bandwidth, looked up by its name)")
     bench.set_defaults(run=cmd_bench)
 
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode,train}")

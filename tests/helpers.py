@@ -8,7 +8,7 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
 
     Passes when the largest absolute difference is at most ``atol``, or otherwise when
     ``||ref - out||_2 / ||ref||_2 <= ratio``. Fails on a shape mismatch and on any NaN or
-    infinity in either tensor. Both tensors are compared in float64.
+    infinity in either tensor. Both tensors are compared in float64 on the CPU.
 
     Args:
         name: what is compared, used in the failure message.
@@ -19,8 +19,8 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     """
     if ref.shape != out.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} differs from the reference {tuple(ref.shape)}")
-    ref64 = ref.detach().to(torch.float64)
-    out64 = out.detach().to(torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    out64 = out.detach().to("cpu", torch.float64)
     for label, tensor in (("reference", ref64), ("output", out64)):
         if not torch.isfinite(tensor).all():
             raise AssertionError(f"{name}: the {label} holds NaN or infinite values")
@@ -36,22 +36,7 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
 
 def assert_all_close(ref: dict, out: dict, ratio: float, atol: float = 1e-6) -> None:
     """``assert_close`` on every entry of two result dicts with the same keys."""
-    assert ref.keys() == out.keys()
+    assert ref.keys() == out.keys(), f"results differ in names: {sorted(ref)} vs {sorted(out)}"
     for name, expected in ref.items():
         assert_close(name, expected, out[name], ratio, atol=atol)
 
-
-def outputs_and_grads(leaves: dict, o: torch.Tensor, final_state: torch.Tensor, cotangents: dict) -> dict:
-    """``o``, the final state and the gradient ``d<name>`` of every leaf under the cotangents' loss.
-
-    Args:
-        leaves: name -> input tensor that requires grad (the op's inputs).
-        o: the op's output.
-        final_state: the op's final state.
-        cotangents: ``{"o": ..., "final_state": ...}``, weights of the scalar loss.
-    """
-    loss = (o * cotangents["o"].to(o)).sum() + (final_state * cotangents["final_state"].to(final_state)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    result = {"o": o.detach(), "final_state": final_state.detach()}
-    result.update({f"d{name}": grad for name, grad in zip(leaves, grads, strict=True)})
-    return result

@@ -73,7 +73,7 @@ def test_kops_state_is_constant_and_the_kv_cache_grows_linearly(cli_report):
     kops = rows_of(report, "kops-ts-linear")
     assert len({row["state_bytes"] for row in kops}) == 1
     config = report["models"][0]["config"]
-    per_layer = 4 * config["d_model"] * (config["rank"] + config["kbase_taps"])  # decay state + L-row history
+    per_layer = 4 * config["d_model"] * (config["mixer_kwargs"]["rank"] + config["kbase_taps"])  # decay state + L-row history
     assert kops[0]["state_bytes"] == config["n_k2"] * per_layer
     assert [row["state_ratio"] for row in kops] == [1.0, 1.0, 1.0]
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from _paths import SHARED_DATA_DIR
-from linmix.cli import _compile_fields, _train_config, build_parser, main
-from linmix.train import read_metrics
+from linmix.cli import _compile_fields, _parse_overrides, _train_config, build_parser, main
+from linmix.train import load_checkpoint, read_metrics, save_checkpoint
 
 TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32"]
 
@@ -58,6 +58,29 @@ def test_cli_resume_matches_uninterrupted(tmp_path):
     assert stable(tmp_path / "split") == stable(tmp_path / "full")
 
 
+def _flatten_k2_fields(config: dict) -> dict:
+    """A KStackConfig dict as the version before `mixer`/`mixer_kwargs` wrote it: K2 fields at the top."""
+    flat = {key: value for key, value in config.items() if key not in ("mixer", "mixer_kwargs")}
+    return {**flat, **config["mixer_kwargs"]}
+
+
+def test_resume_a_run_of_the_previous_config_format(tmp_path):
+    """A run stopped by the version with K2 fields at the top of the K-Stack config resumes exactly."""
+    common = ["--max-steps", "20", "--warmup-steps", "5", "--eval-interval", "10"]
+    assert train(tmp_path / "full", *common) == 0
+    assert train(tmp_path / "old", *common, "--stop-after", "7") == 0
+    last = tmp_path / "old" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    checkpoint["model_config"] = _flatten_k2_fields(checkpoint["model_config"])
+    checkpoint["meta"]["model"]["config"] = _flatten_k2_fields(checkpoint["meta"]["model"]["config"])
+    assert "rank" in checkpoint["model_config"] and "mixer_kwargs" not in checkpoint["model_config"]
+    save_checkpoint(checkpoint, last)
+    assert train(tmp_path / "old", *common, "--resume") == 0
+    final = [r["loss"] for r in read_metrics(tmp_path / "old" / "metrics.jsonl") if r.get("kind") == "train"]
+    expected = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r.get("kind") == "train"]
+    assert final == expected
+
+
 def test_presets_lists_counts(capsys):
     assert main(["presets", "--json"]) == 0
     rows = {r["name"]: r["params"] for r in json.loads(capsys.readouterr().out)}
@@ -75,6 +98,23 @@ def test_presets_lists_counts(capsys):
 def test_usage_errors_exit_2(argv, message, capsys, tmp_path):
     assert main([*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_set_reaches_mixer_fields(tmp_path, capsys):
+    assert _parse_overrides(["mixer_kwargs.n_heads=4", "rank=4"]) == {"mixer_kwargs.n_heads": 4, "rank": 4}
+    out = tmp_path / "gpt"
+    assert main(["train", "--preset", "nanogpt-ts", "--set", "d_model=16", "--set", "n_layers=1", "--set",
+                 "context_length=32", "--set", "mixer_kwargs.n_heads=4", "--max-steps", "2", "--warmup-steps", "1",
+                 "--batch-size", "4", "--eval-interval", "2", "--eval-batch-size", "256", "--eval-random-iters", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    spec = load_checkpoint(out / "last.pt", map_location="cpu")["meta"]["model"]
+    assert spec["config"]["mixer_kwargs"] == {"n_heads": 4, "bias": False, "dropout": 0.2}
+
+
+def test_bad_mixer_field_fails_before_training(tmp_path, capsys):
+    assert main(["train", "--preset", "kops-ts-v2", "--set", "mixer_kwargs.rank=-4", "--out", str(tmp_path / "r")]) == 2
+    assert "rank must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_flag_exits_2(capsys):

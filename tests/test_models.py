@@ -1,10 +1,26 @@
-"""Model behaviour: causality, decoding with `step` equals the parallel forward, bad inputs."""
+"""Model behaviour: causality, decoding with `step` equals the parallel forward, bad inputs, the
+K-Stack with any mixer, parameter groups, specs (also those of earlier versions) and the model-kind
+registry. The mixers' own contract is checked in tests/layers/."""
 
 import pytest
 import torch
 
-from linmix.layers import build_mixer
-from linmix.models import LM, LMConfig, build, build_from_spec, generate, model_spec, param_groups
+from linmix.models import (
+    LM,
+    MODEL_KINDS,
+    KStackConfig,
+    KStackLM,
+    LMConfig,
+    TransformerLM,
+    build,
+    build_from_spec,
+    build_model,
+    generate,
+    model_spec,
+    param_groups,
+    register_model,
+)
+from linmix.layers import RMSNorm
 
 SMALL_KSTACK = dict(d_model=24, rank=8, context_length=40, n_k2=2)
 SMALL_GPT = dict(d_model=32, n_layers=2, context_length=40, mixer_kwargs={"n_heads": 4, "bias": False, "dropout": 0.2})
@@ -17,7 +33,19 @@ MODELS = {
     "kops-refine-2": ("kops-ts-v1", {**SMALL_KSTACK, "refine_steps_eval": 2}),
     "kops-adaptive": ("kops-wt2-v2", {**SMALL_KSTACK, "vocab_size": 300, "embed_dim": 12, "adaptive_cutoffs": (50, 150)}),
     "nanogpt-ts": ("nanogpt-ts", SMALL_GPT),
+    "kstack-attention": ("kops-ts-v2", {"d_model": 24, "context_length": 40, "n_k2": 2, "kbase": "none",
+                                        "mixer": "attention", "mixer_kwargs": {"n_heads": 2}}),
 }
+# What `model_spec` wrote for MODELS["kops-toeplitz"] before K2's fields moved into mixer_kwargs.
+OLD_KSTACK_SPEC = {"kind": "kstack", "config": {
+    "vocab_size": 65, "d_model": 24, "embed_dim": None, "n_k2": 2, "rank": 8, "context_length": 40, "kbase": "toeplitz",
+    "kbase_taps": 5, "gamma_min": 0.15, "gamma_max": 0.995, "gamma_init": "v2", "alpha_cap": 0.95, "gate_init": 8.0,
+    "gate_floor": 0.0, "refine_steps_train": 0, "refine_steps_eval": 0, "eta_init": 0.3, "head": "gelu", "head_mult": 1,
+    "adaptive_cutoffs": [1024, 4096], "adaptive_div": 4.0, "dropout_emb": 0.08, "dropout_mlp": 0.1,
+    "dropout_resid": 0.05, "dropout_head": 0.15, "decay_backend": "mask",
+}}
+# The "grouped" mode's logit parameters before modules declared them (`no_weight_decay`): by name.
+OLD_LOGIT_NAMES = {"decay_logits", "alpha_logit", "gate_logit", "eta_logit"}
 
 
 def small_model(key: str) -> torch.nn.Module:
@@ -58,44 +86,65 @@ def test_step_decoding_equals_forward(key):
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("mixer, kwargs", [
-    ("k2", {"rank": 6, "kbase": "per_layer"}),
-    ("k2", {"rank": 6, "kbase": "toeplitz", "kbase_taps": 4}),
-    ("k2", {"rank": 6, "kbase": "none", "decay_backend": "chunk"}),
-    ("attention", {"n_heads": 2}),
-])
-def test_mixer_contract_step_equals_forward(mixer, kwargs):
-    torch.manual_seed(0)
-    layer = build_mixer(mixer, d_model=16, context_length=30, **kwargs).double().eval()
-    x = torch.randn(2, 23, 16, dtype=torch.float64)
-    expected, none_state = layer(x)
-    assert none_state is None
-    state = layer.init_state(2, "cpu", torch.float64)
-    outputs = []
-    for t in range(23):
-        y, state = layer.step(x[:, t], state)
-        outputs.append(y)
-    torch.testing.assert_close(torch.stack(outputs, dim=1), expected, rtol=1e-10, atol=1e-10)
-    chunked_state = layer.init_state(2, "cpu", torch.float64)
-    first, chunked_state = layer(x[:, :10], chunked_state)
-    second, _ = layer(x[:, 10:], chunked_state)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("mixer, kwargs", [("k2", {"rank": 4}), ("attention", {"n_heads": 2})])
-def test_generic_backbone_takes_any_registered_mixer(mixer, kwargs):
-    torch.manual_seed(0)
-    model = LM(LMConfig(vocab_size=50, mixer=mixer, d_model=16, n_layers=2, context_length=24, mixer_kwargs=kwargs))
-    model = model.double().eval()
-    idx = random_tokens(model, 2, 24)
-    logits, loss = model(idx, idx)
-    assert logits.shape == (2, 24, 50) and loss.ndim == 0
+@pytest.mark.parametrize("key", ["kops-refine-2", "nanogpt-ts"])
+def test_step_decodes_through_the_blocks_step(key, monkeypatch):
+    model = small_model(key)
     state = model.init_state(2, "cpu", torch.float64)
-    stepped = []
-    for t in range(24):
-        out, state = model.step(idx[:, t], state)
-        stepped.append(out)
-    torch.testing.assert_close(torch.stack(stepped, dim=1), logits, rtol=1e-10, atol=1e-10)
+    _, state = model.prefill(random_tokens(model, 2, 4), state)
+    calls = []
+    for block in model.blocks:
+        step = block.step
+        monkeypatch.setattr(block, "step", lambda h, s, step=step: calls.append(h.shape) or step(h, s))
+    monkeypatch.setattr(model, "prefill", None)  # a step must not go through prefill
+    logits, _ = model.step(torch.zeros(2, dtype=torch.long), state)
+    assert logits.shape == (2, model.config.vocab_size)
+    applications = max(model.config.refine_steps_eval, 1) if key.startswith("kops") else 1
+    assert calls == [(2, model.config.d_model)] * (len(model.blocks) * applications)
+
+
+@pytest.mark.parametrize("key", ["kops-ts-v2", "nanogpt-ts"])
+def test_step_rejects_tokens_that_are_not_one_per_sequence(key):
+    model = small_model(key)
+    state = model.init_state(1, "cpu", torch.float64)
+    with pytest.raises(TypeError, match=r"\[B\] torch.long"):
+        model.step(torch.zeros(1, 1, dtype=torch.long), state)
+    with pytest.raises(ValueError, match=r"\[0, 65\)"):
+        model.step(torch.full((1,), 65), state)
+
+
+def test_stack_fills_its_fields_into_the_mixer_config():
+    model = build("kops-ts-linear", d_model=24, n_k2=2, rank=8)
+    for block in model.k2_blocks:
+        config = block.mixer.config
+        assert (config.d_model, config.context_length, config.kbase, config.kbase_taps) == (24, 256, "shared", 16)
+        assert (config.rank, config.decay_backend) == (8, "auto")
+        assert block.mixer.kernel is model.shared_kernel
+    per_layer = build("kops-ts-v1", **SMALL_KSTACK)
+    assert len({id(block.mixer.kernel) for block in per_layer.k2_blocks}) == 2
+    assert {block.mixer.config.kbase for block in per_layer.k2_blocks} == {"per_layer"}
+
+
+def test_kstack_with_another_mixer_reports_none_for_what_it_lacks():
+    model = small_model("kstack-attention")
+    assert [type(block.mixer).__name__ for block in model.k2_blocks] == ["CausalSelfAttention"] * 2
+    model(random_tokens(model, 2, 10))
+    diag = model.diagnostics()
+    for key in ("gamma", "gate", "alpha", "kbase_share", "kbase_to_mix", "kbase_lag_profile"):
+        assert diag[key] == [None, None], key
+    assert diag["eta"] == pytest.approx(0.3) and diag["refine_delta"] is None
+
+
+def test_kstack_mixer_configs_are_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match="mixer 'attention' has no Kbase"):
+        KStackConfig(mixer="attention", mixer_kwargs={"n_heads": 2})
+    with pytest.raises(ValueError, match=r"mixer_kwargs may not set \['d_model', 'kbase'\]"):
+        KStackConfig(mixer_kwargs={"d_model": 8, "kbase": "none"})
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        KStackConfig(mixer_kwargs={"rank": 0})
+    with pytest.raises(ValueError, match="unknown mixer 'nope'"):
+        KStackConfig(mixer="nope")
+    with pytest.raises(ValueError, match=r"mixer_kwargs may not set \['context_length'\]"):
+        LMConfig(vocab_size=10, mixer="attention", mixer_kwargs={"n_heads": 2, "context_length": 8})
 
 
 def test_kbase_upper_triangle_gets_no_gradient():
@@ -147,12 +196,83 @@ def test_param_groups_cover_every_parameter_once():
         param_groups(model, "fancy", 0.1)
 
 
+def _old_rule_groups(model, mode: str) -> dict[str, set[int]]:
+    """The groups' parameter ids as the name-based rule (OLD_LOGIT_NAMES) made them."""
+    norms = {id(p) for m in model.modules() if isinstance(m, (RMSNorm, torch.nn.LayerNorm)) for p in m.parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    if getattr(model, "embed_proj", None) is not None:
+        embeddings.add(id(model.embed_proj.weight))
+    groups: dict[str, set[int]] = {}
+    for name, p in model.named_parameters():
+        if mode == "simple":
+            group = "decay" if p.dim() >= 2 else "no_decay"
+        elif id(p) in embeddings:
+            group = "embedding"
+        elif id(p) in norms:
+            group = "norm"
+        elif name.rsplit(".", 1)[-1] in OLD_LOGIT_NAMES:
+            group = "logit"
+        elif name.endswith("bias") and p.dim() == 1:
+            group = "bias"
+        else:
+            group = "core"
+        groups.setdefault(group, set()).add(id(p))
+    return groups
+
+
+@pytest.mark.parametrize("preset", ["kops-ts-v1", "kops-wt2-v2", "kops-ts-v2-nokbase", "nanogpt-ts"])
+def test_declared_no_decay_parameters_give_the_groups_of_the_name_rule(preset):
+    model = build(preset)
+    for mode in ("simple", "grouped"):
+        groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, mode, 0.02)}
+        assert groups == _old_rule_groups(model, mode), mode
+
+
+def test_a_declared_name_that_is_no_own_parameter_is_refused():
+    model = small_model("kops-ts-v2")
+    model.k0.no_weight_decay = ("norm",)  # a submodule, not a parameter of K0 itself
+    with pytest.raises(ValueError, match=r"K0.no_weight_decay names 'norm'"):
+        param_groups(model, "grouped", 0.02)
+
+
 def test_spec_round_trip():
     model = small_model("kops-toeplitz")
     rebuilt = build_from_spec(model_spec(model)).double().eval()
     rebuilt.load_state_dict(model.state_dict())
     idx = random_tokens(model, 1, 12)
     torch.testing.assert_close(rebuilt(idx)[0], model(idx)[0])
+
+
+def test_spec_of_the_previous_version_loads():
+    """A checkpoint's spec written with K2's fields at the K-Stack level: they move into mixer_kwargs."""
+    model = small_model("kops-toeplitz")
+    rebuilt = build_from_spec(OLD_KSTACK_SPEC)
+    assert rebuilt.config.mixer == "k2" and rebuilt.config.mixer_kwargs == {
+        "rank": 8, "gamma_min": 0.15, "gamma_max": 0.995, "gamma_init": "v2", "alpha_cap": 0.95, "gate_init": 8.0,
+        "gate_floor": 0.0, "decay_backend": "mask"}
+    assert rebuilt.config.mixer_config() == model.config.mixer_config()
+    stack_fields = [{**model_spec(m)["config"], "mixer_kwargs": None} for m in (rebuilt, model)]
+    assert stack_fields[0] == stack_fields[1]
+    rebuilt.double().eval().load_state_dict(model.state_dict())
+    idx = random_tokens(model, 1, 12)
+    torch.testing.assert_close(rebuilt(idx)[0], model(idx)[0])
+
+
+def test_model_kinds_are_one_registry():
+    assert {kind: entry.model_cls for kind, entry in MODEL_KINDS.items()} == {
+        "kstack": KStackLM, "transformer": TransformerLM, "lm": LM}
+    assert [model_spec(small_model(key))["kind"] for key in ("kops-ts-v2", "nanogpt-ts")] == ["kstack", "transformer"]
+    lm = LM(LMConfig(vocab_size=20, mixer="k2", d_model=16, n_layers=1, mixer_kwargs={"rank": 4}))
+    assert type(build_from_spec(model_spec(lm))) is LM
+    with pytest.raises(ValueError, match="model kind 'lm' is already registered"):
+        register_model("lm", LMConfig)(type("OtherLM", (LM,), {}))
+    with pytest.raises(ValueError, match="LM is already registered"):
+        register_model("lm2", LMConfig)(LM)
+    with pytest.raises(ValueError, match=r"model kind must be one of \['kstack', 'lm', 'transformer'\], got 'rnn'"):
+        build_from_spec({"kind": "rnn", "config": {}})
+    with pytest.raises(TypeError, match="takes a KStackConfig"):
+        build_model("kstack", lm.config)
+    assert set(MODEL_KINDS) == {"kstack", "transformer", "lm"}
 
 
 def test_generate_past_the_window_and_greedy_is_deterministic():

@@ -1,8 +1,9 @@
-"""Parameter counts of every preset match spec/k_operators.md to the digit."""
+"""Parameter counts of every preset match spec/k_operators.md to the digit; overrides reach the
+model config and its mixer's config."""
 
 import pytest
 
-from linmix.models import PRESETS, build, get_preset
+from linmix.models import PRESETS, build, get_preset, with_overrides
 
 EXPECTED_TOTALS = {
     "kops-ts-v1": 1_137_869,
@@ -56,3 +57,37 @@ def test_unknown_preset_names_the_known_ones():
 def test_unknown_override_is_rejected():
     with pytest.raises(ValueError, match="no model fields"):
         build("kops-ts-v2", widht=3)
+
+
+@pytest.mark.parametrize("overrides", [{"rank": 8}, {"mixer_kwargs.rank": 8}])
+def test_mixer_overrides_merge_into_the_presets_mixer_kwargs(overrides):
+    preset = get_preset("kops-ts-v1")
+    changed = with_overrides(preset, **overrides)
+    assert changed.model["mixer_kwargs"] == {**preset.model["mixer_kwargs"], "rank": 8}
+    assert preset.model["mixer_kwargs"]["rank"] == 32  # the preset itself is left as it was
+    mixer = build("kops-ts-v1", **overrides).k2_blocks[0].mixer
+    assert (mixer.config.rank, mixer.config.gamma_init, mixer.config.alpha_cap) == (8, "v1", 0.8)
+
+
+def test_overrides_route_model_fields_mixer_fields_and_whole_mixer_kwargs():
+    preset = get_preset("nanogpt-ts")
+    assert preset.model_config(n_heads=4).mixer_kwargs == {"n_heads": 4, "bias": False, "dropout": 0.2}
+    config = preset.model_config(**{"mixer_kwargs.dropout": 0.0, "d_model": 96, "dropout": 0.1})
+    assert (config.d_model, config.dropout, config.mixer_kwargs["dropout"]) == (96, 0.1, 0.0)
+    assert preset.model_config(mixer_kwargs={"n_heads": 2}).mixer_kwargs == {"n_heads": 2}  # the whole field
+    linear = build("kops-ts-linear", decay_backend="chunk", d_model=24, n_k2=1)
+    assert linear.k2_blocks[0].mixer.config.decay_backend == "chunk"
+
+
+@pytest.mark.parametrize("preset, overrides, match", [
+    ("kops-ts-v2", {"colour": "red"}, r"no model fields \['colour'\] in a 'kstack' model; its fields: .*'n_k2'.*"
+                                      r"fields of mixer 'k2' .*'rank'"),
+    ("nanogpt-ts", {"rank": 4}, r"no model fields \['rank'\] in a 'transformer' model; .*'n_heads'"),
+    ("kops-ts-v2", {"mixer_kwargs.colour": "red"}, r"mixer 'k2' has no config fields \['colour'\]"),
+    ("kops-ts-v2", {"mixer_kwargs.rank": -4}, "rank must be >= 1"),
+    ("kops-ts-v2", {"mixer_kwargs.d_model": 8}, r"mixer_kwargs may not set \['d_model'\]"),
+    ("nanogpt-ts", {"n_heads": 5}, "multiple of n_heads=5"),
+])
+def test_bad_overrides_fail_when_applied(preset, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        with_overrides(get_preset(preset), **overrides)

@@ -389,7 +389,7 @@ def test_resume_refuses_a_changed_run(corpus, tmp_path):
 def test_gpu_cuda_graph_training_follows_the_eager_run(corpus, tmp_path):
     """kops-ts-linear on the Triton decay path, trained as CUDA graphs (compile_mode "reduce-overhead"),
     takes the same steps as without compile: the graphs replay the custom ops and the batches cut on the GPU."""
-    from linmix.models import MODEL_CLASSES, get_preset
+    from linmix.models import build_model, get_preset
 
     no_dropout = {name: 0.0 for name in ("dropout_emb", "dropout_mlp", "dropout_resid", "dropout_head")}
     model_config = get_preset("kops-ts-linear").model_config(d_model=64, n_k2=2, decay_backend="triton", **no_dropout)
@@ -399,7 +399,7 @@ def test_gpu_cuda_graph_training_follows_the_eager_run(corpus, tmp_path):
         config = make_config(tmp_path / mode, device="cuda", max_steps=8, log_interval=1, eval_interval=8,
                              context_length=128, compile=mode != "eager",
                              compile_mode="default" if mode == "eager" else mode)
-        Trainer(MODEL_CLASSES["kstack"](model_config), corpus.train, corpus.val[:VAL_SLICE], config,
+        Trainer(build_model("kstack", model_config), corpus.train, corpus.val[:VAL_SLICE], config,
                 progress=False).fit()
         losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "train"]
     assert len(losses["eager"]) == 8 and losses["eager"][-1] < losses["eager"][0]

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from linmix.bench.registry import INPUT_SEED
-from linmix.bench.runner import DTYPES, machine_info, machine_line
+from linmix.bench.inputs import DTYPES, INPUT_SEED
+from linmix.bench.machine import machine_info, machine_line
 from linmix.bench.timing import QUANTILES, Timing
 from linmix.layers import CausalSelfAttention, attention
 from linmix.models import build, get_preset

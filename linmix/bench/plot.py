@@ -27,7 +27,8 @@ def plot_times(report: dict, path: str | Path) -> Path:
     modes = settings["modes"]
     figure = Figure(figsize=(PANEL_SIZE[0] * len(modes), PANEL_SIZE[1]), layout="constrained")
     axes = figure.subplots(1, len(modes), squeeze=False)[0]
-    figure.suptitle(f"{settings['op']} ({settings['dtype']}, {report['machine']['gpu'] or report['machine']['cpu']})")
+    machine = report["machine"]
+    figure.suptitle(f"{settings['title']} ({settings['dtype']}, {machine['gpu'] or machine['cpu']})")
     for ax, mode in zip(axes, modes):
         for backend in settings["backends"]:
             points = sorted((row["shape"]["T"], row["median_ms"], row["p20_ms"], row["p80_ms"])

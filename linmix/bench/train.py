@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from linmix.bench.registry import INPUT_SEED
-from linmix.bench.runner import machine_info
-from linmix.models import MODEL_CLASSES, get_preset, with_overrides
+from linmix.bench.inputs import INPUT_SEED
+from linmix.bench.machine import machine_info
+from linmix.models import get_preset, with_overrides
 from linmix.train import TrainConfig, Trainer
 from linmix.train.config import COMPILE_MODES
 
@@ -141,7 +141,7 @@ def measure_training(name: str, plan: TrainBenchPlan, batch_size: int, *, progre
     train = torch.randint(vocab_size, (batch_size * (T + 1) * 4,), generator=generator)
     val = torch.randint(vocab_size, (2 * T + 1,), generator=generator)
     torch.manual_seed(INPUT_SEED)
-    model = MODEL_CLASSES[preset.model_kind](preset.model_config())
+    model = preset.build_model()
     max_steps = plan.warmup + plan.steps
     if plan.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(plan.device)

@@ -93,7 +93,7 @@ def kbase_structure_figure(group: RunGroup) -> Figure | None:
     run = next((run for run in group.runs if run.best_checkpoint), None)
     loaded = load_model(run.best_checkpoint) if run else None
     mixers = [block.mixer for block in getattr(loaded[0], "k2_blocks", [])] if loaded else []
-    if not mixers or mixers[0].kernel is None:
+    if not mixers or getattr(mixers[0], "kernel", None) is None:
         return None
     model, step = loaded
     window = int(model.config.context_length)

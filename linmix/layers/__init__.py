@@ -1,11 +1,20 @@
 """Token mixers (nn.Module) with one interface, and the registry that builds them by name."""
 
 from linmix.layers.attention import AttentionConfig, CausalSelfAttention
+from linmix.layers.base import Mixer
 from linmix.layers.k2 import K2Config, K2Mixer
 from linmix.layers.kbase import BaseKernel
 from linmix.layers.mlp import MLP
 from linmix.layers.norms import RMSNorm, make_norm
-from linmix.layers.registry import MIXERS, build_mixer, mixer_config, register_mixer
+from linmix.layers.registry import (
+    MIXERS,
+    MixerEntry,
+    build_mixer,
+    mixer_config,
+    mixer_config_in_model,
+    mixer_entry,
+    register_mixer,
+)
 
 __all__ = [
     "MIXERS",
@@ -15,9 +24,13 @@ __all__ = [
     "CausalSelfAttention",
     "K2Config",
     "K2Mixer",
+    "Mixer",
+    "MixerEntry",
     "RMSNorm",
     "build_mixer",
     "make_norm",
     "mixer_config",
+    "mixer_config_in_model",
+    "mixer_entry",
     "register_mixer",
 ]

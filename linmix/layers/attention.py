@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from linmix.layers.base import Mixer
 from linmix.layers.registry import register_mixer
 
 KV_PAGE = 64  # the KV cache grows in whole pages of this many positions
@@ -31,8 +32,19 @@ class AttentionConfig:
             raise ValueError(f"d_model={self.d_model} must be a positive multiple of n_heads={self.n_heads}")
 
 
-@register_mixer("attention", AttentionConfig)
-class CausalSelfAttention(nn.Module):
+def bench_heads(d_model: int) -> int:
+    """Heads of the layer benchmark's attention: heads of width 64 (the most heads, at most d_model // 64,
+    that divide d_model)."""
+    return max(h for h in range(1, max(1, d_model // 64) + 1) if d_model % h == 0)
+
+
+@register_mixer(
+    "attention",
+    AttentionConfig,
+    test_configs={"two_heads": {"n_heads": 2}},
+    bench_config=lambda d_model: {"n_heads": bench_heads(d_model)},
+)
+class CausalSelfAttention(Mixer):
     """nanoGPT-style attention: fused qkv projection, causal SDPA, output projection."""
 
     def __init__(self, config: AttentionConfig):
@@ -90,11 +102,6 @@ class CausalSelfAttention(nn.Module):
             new_state = {"position": end, "keys": keys, "values": values}
         out = out.transpose(1, 2).reshape(batch, length, d)
         return self.out_proj(out), new_state
-
-    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Decode one token: x_t [B, d] -> (y_t [B, d], state)."""
-        y, state = self.forward(x_t[:, None], state)
-        return y[:, 0], state
 
 
 def _reserve(cache: torch.Tensor, positions: int) -> torch.Tensor:

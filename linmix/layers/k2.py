@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from linmix.layers.base import Mixer
 from linmix.layers.kbase import BaseKernel
 from linmix.layers.registry import register_mixer
 from linmix.ops import decayed_attention, decayed_attention_step
@@ -77,8 +78,19 @@ def initial_decay_logits(config: K2Config) -> torch.Tensor:
     return torch.logit(unit).float()
 
 
-@register_mixer("k2", K2Config)
-class K2Mixer(nn.Module):
+@register_mixer(
+    "k2",
+    K2Config,
+    test_configs={
+        "dense_per_layer_kbase": {"rank": 6, "kbase": "per_layer"},
+        "toeplitz_kbase": {"rank": 6, "kbase": "toeplitz", "kbase_taps": 4},
+        "no_kbase_chunk": {"rank": 6, "kbase": "none", "decay_backend": "chunk"},
+    },
+    bench_config=lambda d_model: {"rank": 32, "kbase": "toeplitz", "kbase_taps": 16},
+    backend_field="decay_backend",
+    backend_op="decayed_attention",
+)
+class K2Mixer(Mixer):
     """K2 mixer: gated base kernel plus a rank-r gamma-decayed recurrence, then an output projection.
 
     Args:
@@ -86,6 +98,8 @@ class K2Mixer(nn.Module):
         kernel: a BaseKernel shared with other layers (kbase="shared", or "toeplitz" shared);
             None builds the layer's own kernel where the mode needs one.
     """
+
+    no_weight_decay = ("decay_logits", "alpha_logit", "gate_logit")
 
     def __init__(self, config: K2Config, kernel: BaseKernel | None = None):
         super().__init__()
@@ -142,14 +156,28 @@ class K2Mixer(nn.Module):
         return floor + (1.0 - floor) * torch.sigmoid(self.gate_logit)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict:
-        """Empty decoding state: the decay state and the Kbase input history."""
+        """Empty decoding state: the position, the decay path's state and the Kbase's (its input history)."""
         d, r = self.config.d_model, self.config.rank
         state = {"position": 0, "decay": torch.zeros(batch_size, 1, r, d, device=device, dtype=torch.float32)}
-        if self.kernel is not None and self.kernel.form == "dense":
-            state["history"] = torch.zeros(batch_size, 0, d, device=device, dtype=dtype)
-        elif self.kernel is not None:
-            state["history"] = torch.zeros(batch_size, self.kernel.size - 1, d, device=device, dtype=dtype)
+        if self.kernel is not None:
+            state["history"] = self.kernel.init_state(batch_size, d, device, dtype)
         return state
+
+    def _check(self, x: torch.Tensor, start: int, length: int) -> None:
+        """Raise ValueError for an input of the wrong width or one reaching past the dense Kbase window."""
+        if x.shape[-1] != self.config.d_model:
+            raise ValueError(f"x must be [B, T, {self.config.d_model}] (or [B, {self.config.d_model}] for a step), "
+                             f"got {list(x.shape)}")
+        if start + length > self.window:
+            raise ValueError(
+                f"sequence reaches position {start + length - 1}, beyond the dense Kbase window W={self.window}"
+            )
+
+    def _queries_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q = l2norm(x U) and k = l2norm(x V) over the rank channels: [..., r] each."""
+        q = F.normalize(x @ self.query_proj.to(x.dtype), dim=-1, eps=1e-8)
+        k = F.normalize(x @ self.key_proj.to(x.dtype), dim=-1, eps=1e-8)
+        return q, k
 
     def paths(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor, dict | None]:
         """The two mixing paths before the output projection.
@@ -158,60 +186,59 @@ class K2Mixer(nn.Module):
             x: [B, T, d] normalised input.
             state: decoding state from `init_state`/a previous call, or None to start at position 0.
         Returns:
-            (base [B, T, d] or None, decay [B, T, d], new state or None when state was None).
+            (gated base [B, T, d] or None, scaled decay [B, T, d], new state or None when state was None).
         """
-        batch, length, d = x.shape
-        if d != self.config.d_model:
-            raise ValueError(f"x must be [B, T, {self.config.d_model}], got {list(x.shape)}")
         start = 0 if state is None else state["position"]
-        if start + length > self.window:
-            raise ValueError(
-                f"sequence reaches position {start + length - 1}, beyond the dense Kbase window W={self.window}"
-            )
-        q = F.normalize(x @ self.query_proj.to(x.dtype), dim=-1, eps=1e-8)  # [B, T, r]
-        k = F.normalize(x @ self.key_proj.to(x.dtype), dim=-1, eps=1e-8)  # [B, T, r]
-        if state is not None and length == 1:  # decoding: one recurrence step from the carried state
-            decay_out, decay_state = decayed_attention_step(
-                q[:, 0, None], k[:, 0, None], x[:, 0, None], self.log_gamma()[None], state["decay"]
-            )
-            decay_out = decay_out[:, None]  # [B, 1, 1, d]
-        else:
-            decay_out, decay_state = decayed_attention(
-                q[:, :, None],
-                k[:, :, None],
-                x[:, :, None],
-                self.log_gamma()[None],  # [1, r]
-                scale=1.0,
-                initial_state=None if state is None else state["decay"],
-                output_final_state=state is not None,
-                backend=self.config.decay_backend,
-                check_values=False,  # log_gamma() lies in [log gamma_min, log gamma_max] by construction
-            )
+        self._check(x, start, x.shape[1])
+        q, k = self._queries_and_keys(x)  # [B, T, r]
+        decay_out, decay_state = decayed_attention(
+            q[:, :, None],
+            k[:, :, None],
+            x[:, :, None],
+            self.log_gamma()[None],  # [1, r]
+            scale=1.0,
+            initial_state=None if state is None else state["decay"],
+            output_final_state=state is not None,
+            backend=self.config.decay_backend,
+            check_values=False,  # log_gamma() lies in [log gamma_min, log gamma_max] by construction
+        )
         decay = self.alpha().to(x.dtype) * decay_out[:, :, 0]  # [B, T, d]
-        base, new_state = None, None
-        if self.kernel is not None:
-            if state is None:
-                base = self.kernel(x)
-            else:
-                history = torch.cat([state["history"], x], dim=1)
-                base = self.kernel.rows(history, start)
-            base = self.gate().to(x.dtype) * base
-        if state is not None:
-            new_state = {"position": start + length, "decay": decay_state}
-            if self.kernel is not None:
-                keep = history if self.kernel.form == "dense" else history[:, history.shape[1] - (self.kernel.size - 1) :]
-                new_state["history"] = keep
-        return base, decay, new_state
+        new_state = None if state is None else {"position": start + x.shape[1], "decay": decay_state}
+        if self.kernel is None:
+            return None, decay, new_state
+        base, history = self.kernel(x, None if state is None else state["history"])  # [B, T, d]
+        if new_state is not None:
+            new_state["history"] = history
+        return self.gate().to(x.dtype) * base, decay, new_state
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
-        """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
-        base, decay, new_state = self.paths(x, state)
+    def _mix(self, base: torch.Tensor | None, decay: torch.Tensor) -> torch.Tensor:
+        """``W_o m + b_o`` of the mixed paths; evaluation forwards add their norms to `eval_path_sq_norms`."""
         mixed = decay if base is None else base + decay
         if not self.training and base is not None:
             with torch.no_grad():
                 norms = torch.stack([base.float().square().sum(), decay.float().square().sum(), mixed.float().square().sum()])
                 self.eval_path_sq_norms.add_(norms)
-        return self.out_proj(mixed), new_state
+        return self.out_proj(mixed)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
+        base, decay, new_state = self.paths(x, state)
+        return self._mix(base, decay), new_state
+
+    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """Decode one token: x_t [B, d] -> (y_t [B, d], state), through the ops' one-token steps."""
+        self._check(x_t, state["position"], 1)
+        q, k = self._queries_and_keys(x_t)  # [B, r]
+        decay_out, decay_state = decayed_attention_step(
+            q[:, None], k[:, None], x_t[:, None], self.log_gamma()[None], state["decay"], scale=1.0
+        )
+        decay = self.alpha().to(x_t.dtype) * decay_out[:, 0]  # [B, d]
+        new_state = {"position": state["position"] + 1, "decay": decay_state}
+        base = None
+        if self.kernel is not None:
+            base, new_state["history"] = self.kernel.step(x_t, state["history"])
+            base = self.gate().to(x_t.dtype) * base
+        return self._mix(base, decay), new_state
 
     def path_shares(self) -> dict[str, float] | None:
         """Kbase norm share over the evaluation forwards since the last call, then reset.
@@ -224,8 +251,3 @@ class K2Mixer(nn.Module):
         if self.kernel is None or mixed_sq == 0.0:
             return None
         return {"kbase_share": base_sq / (base_sq + decay_sq), "kbase_to_mix": base_sq / mixed_sq}
-
-    def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        """Decode one token: x_t [B, d] -> (y_t [B, d], state)."""
-        y, state = self.forward(x_t[:, None], state)
-        return y[:, 0], state

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from linmix.ops import causal_kernel
+from linmix.ops import causal_kernel, causal_kernel_step
 
 
 def exponential_smoother(window: int, decay: float = 0.15) -> torch.Tensor:
@@ -55,30 +55,26 @@ class BaseKernel(nn.Module):
         """W for the dense form, L for the Toeplitz form."""
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the kernel from position 0: x [B, T, d] -> [B, T, d]."""
-        return causal_kernel(x, self.weight.to(x.dtype), form=self.form)
+    def init_state(self, batch_size: int, dim: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The state before position 0: no input (dense) or ``L - 1`` zeros (Toeplitz), ``[B, P, d]``.
 
-    def rows(self, history: torch.Tensor, start: int) -> torch.Tensor:
-        """Outputs for positions start..start+T-1 given every input from position 0.
-
-        Args:
-            history: [B, start + T, d] inputs at positions 0..start+T-1 (dense form), or the last
-                L - 1 + T inputs, zero-padded before position 0 (Toeplitz form).
-            start: absolute position of the first output row.
-        Returns:
-            [B, T, d].
+        It is float32 (float64 for a float64 model), as ``causal_kernel`` keeps its states.
         """
-        if self.form == "toeplitz":
-            taps = self.size - 1
-            if history.shape[1] == self.size:  # one row (a decoding step): the last L inputs, weighted
-                return torch.einsum("l,bld->bd", self.weight.flip(0).to(history.dtype), history)[:, None]
-            return causal_kernel(history, self.weight.to(history.dtype), form="toeplitz")[:, taps:]
-        end = history.shape[1]
-        if end > self.size:
-            raise ValueError(f"position {end - 1} is outside the dense Kbase window W={self.size}")
-        block = torch.tril(self.weight[:end, :end])[start:end].to(history.dtype)  # [T, start+T]
-        return torch.einsum("ts,bsd->btd", block, history)
+        past = 0 if self.form == "dense" else self.size - 1
+        return torch.zeros(batch_size, past, dim, device=device, dtype=torch.promote_types(dtype, torch.float32))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the kernel: x [B, T, d] -> (y [B, T, d], state).
+
+        Without a state the sequence starts at position 0 and no state is returned; with one (the
+        inputs the kernel still reads, see ``causal_kernel``) it continues and the new state is returned.
+        """
+        return causal_kernel(x, self.weight.to(x.dtype), form=self.form, initial_state=state,
+                             output_final_state=state is not None)
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding position: x_t [B, d] -> (y_t [B, d], state)."""
+        return causal_kernel_step(x_t, self.weight, state, form=self.form)
 
     def lag_profile(self, max_lag: int) -> torch.Tensor:
         """Mean kernel weight at each lag 0..max_lag (dense: mean over rows of the diagonal)."""

@@ -1,7 +1,5 @@
 """Language models, named presets and the helpers to build them."""
 
-from dataclasses import asdict
-
 from torch import nn
 
 from linmix.models.generate import generate
@@ -9,44 +7,42 @@ from linmix.models.kstack import KStackConfig, KStackLM
 from linmix.models.lm import LM, LMConfig, TransformerLM
 from linmix.models.param_groups import param_groups
 from linmix.models.presets import PRESETS, Preset, get_preset, with_overrides
-
-MODEL_CLASSES = {"kstack": KStackLM, "transformer": TransformerLM, "lm": LM}
+from linmix.models.registry import (
+    MODEL_KINDS,
+    ModelKind,
+    apply_overrides,
+    build_from_spec,
+    build_model,
+    model_kind,
+    model_spec,
+    register_model,
+)
 
 
 def build(preset_name: str, **overrides) -> nn.Module:
-    """Build the model of preset `preset_name` with model-config `overrides` applied."""
-    preset = get_preset(preset_name)
-    return MODEL_CLASSES[preset.model_kind](preset.model_config(**overrides))
-
-
-def model_spec(model: nn.Module) -> dict:
-    """A JSON-friendly description from which `build_from_spec` rebuilds the model."""
-    kind = next(k for k, cls in MODEL_CLASSES.items() if type(model) is cls)
-    return {"kind": kind, "config": asdict(model.config)}
-
-
-def build_from_spec(spec: dict) -> nn.Module:
-    """Rebuild a model from `model_spec` output (e.g. stored in a checkpoint)."""
-    kind = spec.get("kind")
-    if kind not in MODEL_CLASSES:
-        raise ValueError(f"model kind must be one of {sorted(MODEL_CLASSES)}, got {kind!r}")
-    config_cls = KStackConfig if kind == "kstack" else LMConfig
-    return MODEL_CLASSES[kind](config_cls(**spec["config"]))
+    """Build the model of preset `preset_name` with `overrides` applied (see `Preset.model_config`)."""
+    return get_preset(preset_name).build_model(**overrides)
 
 
 __all__ = [
     "LM",
+    "MODEL_KINDS",
     "PRESETS",
     "KStackConfig",
     "KStackLM",
     "LMConfig",
+    "ModelKind",
     "Preset",
     "TransformerLM",
+    "apply_overrides",
     "build",
     "build_from_spec",
+    "build_model",
     "generate",
     "get_preset",
+    "model_kind",
     "model_spec",
     "param_groups",
+    "register_model",
     "with_overrides",
 ]

@@ -3,14 +3,13 @@
 import torch
 from torch import nn
 
+from linmix.layers.base import Mixer
 from linmix.layers.mlp import MLP
 from linmix.layers.norms import make_norm
 
 
-class PointwiseLinear(nn.Module):
+class PointwiseLinear(Mixer):
     """A stateless position-wise Linear(d -> d) that follows the mixer contract (the K1 "mixer")."""
-
-    window = float("inf")
 
     def __init__(self, dim: int, bias: bool = True):
         super().__init__()
@@ -34,7 +33,7 @@ class Block(nn.Module):
 
     Args:
         dim: model width d.
-        mixer: a module following the mixer contract (forward/step/init_state).
+        mixer: a ``Mixer`` (forward/step/init_state).
         mlp_hidden: hidden width of the MLP.
         norm: "rmsnorm" or "layernorm".
         bias: biases in the MLP and the norms.
@@ -46,7 +45,7 @@ class Block(nn.Module):
     def __init__(
         self,
         dim: int,
-        mixer: nn.Module,
+        mixer: Mixer,
         mlp_hidden: int,
         norm: str = "rmsnorm",
         bias: bool = True,
@@ -68,6 +67,13 @@ class Block(nn.Module):
         h = h + self.mixer_dropout(mixed)
         h = h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
         return h, state
+
+    def step(self, h_t: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        """One position through the mixer's ``step`` and the MLP: h_t [B, d] -> (h_t [B, d], mixer state)."""
+        mixed, state = self.mixer.step(self.mixer_norm(h_t), state)
+        h_t = h_t + self.mixer_dropout(mixed)
+        h_t = h_t + self.mlp_dropout(self.mlp(self.mlp_norm(h_t)))
+        return h_t, state
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype):
         """The mixer's empty decoding state."""

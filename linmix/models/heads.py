@@ -24,7 +24,7 @@ class GeluHead(nn.Module):
         self.out = nn.Linear(hidden, vocab_size, bias=False)
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
-        """h [B, T, d] -> (logits [B, T, V], loss or None)."""
+        """h [B, T, d] (or [B, d]) -> (logits [B, T, V] (or [B, V]), loss or None)."""
         logits = self.out(self.dropout(F.gelu(self.hidden(self.norm(h)))))
         return logits, None if targets is None else cross_entropy(logits, targets)
 
@@ -39,7 +39,7 @@ class TiedHead(nn.Module):
         self.proj = nn.Linear(dim, embed_dim, bias=False) if embed_dim != dim else None
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
-        """h [B, T, d] -> (logits [B, T, V], loss or None)."""
+        """h [B, T, d] (or [B, d]) -> (logits [B, T, V] (or [B, V]), loss or None)."""
         if self.proj is not None:
             h = self.proj(h)
         logits = F.linear(h, self.embedding[0].weight)
@@ -61,8 +61,8 @@ class AdaptiveHead(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
-        """h [B, T, d] -> (log-probs [B, T, V] or None, loss or None)."""
-        flat = self.dropout(h).flatten(0, 1)
+        """h [B, T, d] (or [B, d]) -> (log-probs [B, T, V] (or [B, V]) or None, loss or None)."""
+        flat = self.dropout(h).reshape(-1, h.shape[-1])  # [B * T, d]
         if targets is None:
-            return self.softmax.log_prob(flat).view(*h.shape[:2], -1), None
+            return self.softmax.log_prob(flat).view(*h.shape[:-1], -1), None
         return None, self.softmax(flat, targets.flatten()).loss

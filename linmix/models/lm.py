@@ -6,15 +6,16 @@ without touching this file, the trainer or the CLI.
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from linmix.layers.norms import make_norm
-from linmix.layers.registry import MIXERS, build_mixer
+from linmix.layers.registry import mixer_config_in_model, mixer_entry
 from linmix.models.blocks import Block
 from linmix.models.heads import TiedHead, cross_entropy
+from linmix.models.registry import register_model
 
 
 def init_linear_and_embedding(module: nn.Module, std: float = 0.02) -> None:
@@ -26,11 +27,7 @@ def init_linear_and_embedding(module: nn.Module, std: float = 0.02) -> None:
 
 
 class DecodingMixin:
-    """Token validation and one-token decoding shared by the language models.
-
-    A model provides `window`, `init_state(batch_size, device, dtype)` and
-    `prefill(idx, state) -> (logits, state)`.
-    """
+    """Token validation shared by the language models (which have `config.vocab_size` and `window`)."""
 
     def check_tokens(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         """Raise a clear error for token tensors of the wrong type, shape or range."""
@@ -49,10 +46,12 @@ class DecodingMixin:
         if targets is not None and (targets.shape != idx.shape or targets.dtype != torch.long):
             raise ValueError(f"targets must be a torch.long tensor shaped like idx {list(idx.shape)}, got {targets.dtype} {list(targets.shape)}")
 
-    def step(self, idx_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        """Decode one token per sequence: idx_t [B] -> (logits [B, V], state)."""
-        logits, state = self.prefill(idx_t[:, None], state)
-        return logits[:, 0], state
+    def check_step_tokens(self, idx_t: torch.Tensor) -> None:
+        """Raise a clear error for the tokens of a decoding step that are not a [B] torch.long tensor in range."""
+        if not isinstance(idx_t, torch.Tensor) or idx_t.dtype != torch.long or idx_t.dim() != 1:
+            got = f"{idx_t.dtype} {list(idx_t.shape)}" if isinstance(idx_t, torch.Tensor) else type(idx_t).__name__
+            raise TypeError(f"idx_t must be a [B] torch.long tensor, got {got}")
+        self.check_tokens(idx_t[:, None])
 
 
 @dataclass
@@ -78,19 +77,20 @@ class LMConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        if self.mixer not in MIXERS:
-            raise ValueError(f"unknown mixer {self.mixer!r}; registered mixers: {sorted(MIXERS)}")
+        self.mixer_kwargs = dict(self.mixer_kwargs)
         for name in ("vocab_size", "d_model", "n_layers", "context_length", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.mixer_config()  # an unknown mixer or a bad mixer field fails here, not when the model is built
 
-    def full_mixer_kwargs(self) -> dict:
-        """mixer_kwargs completed with the backbone's width and context length."""
-        known = {f.name for f in fields(MIXERS[self.mixer][0])}
-        shared = {"d_model": self.d_model, "context_length": self.context_length}
-        return {**{k: v for k, v in shared.items() if k in known}, **self.mixer_kwargs}
+    def mixer_config(self):
+        """The config of every block's mixer: mixer_kwargs with the backbone's width and context length."""
+        return mixer_config_in_model(
+            self.mixer, self.mixer_kwargs, {"d_model": self.d_model, "context_length": self.context_length}
+        )
 
 
+@register_model("lm", LMConfig)
 class LM(DecodingMixin, nn.Module):
     """Embedding (+ learned positions) -> pre-norm blocks -> final norm -> tied or untied head."""
 
@@ -101,10 +101,11 @@ class LM(DecodingMixin, nn.Module):
         self.embed = nn.Embedding(config.vocab_size, d)
         self.position = nn.Embedding(config.context_length, d) if config.position_embedding else None
         self.embed_dropout = nn.Dropout(config.dropout)
+        mixer_cls, mixer_config = mixer_entry(config.mixer).module_cls, config.mixer_config()
         self.blocks = nn.ModuleList(
             Block(
                 d,
-                build_mixer(config.mixer, **config.full_mixer_kwargs()),
+                mixer_cls(mixer_config),
                 config.mlp_ratio * d,
                 norm=config.norm,
                 bias=config.bias,
@@ -137,6 +138,7 @@ class LM(DecodingMixin, nn.Module):
         return total
 
     def _embed(self, idx: torch.Tensor, start: int) -> torch.Tensor:
+        """idx [B, T] from position `start` -> h [B, T, d]."""
         h = self.embed(idx)
         if self.position is not None:
             positions = torch.arange(start, start + idx.shape[1], device=idx.device)
@@ -173,7 +175,21 @@ class LM(DecodingMixin, nn.Module):
             block_states.append(block_state)
         return self._logits(h), {"position": start + idx.shape[1], "blocks": block_states}
 
+    def step(self, idx_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+        """Decode one token per sequence through every block's `step`: idx_t [B] -> (logits [B, V], state)."""
+        self.check_step_tokens(idx_t)
+        start = state["position"]
+        if start + 1 > self.window:
+            raise ValueError(f"decoding past the model's window {self.window}")
+        h = self._embed(idx_t[:, None], start)[:, 0]  # [B, d]
+        block_states = []
+        for block, block_state in zip(self.blocks, state["blocks"]):
+            h, block_state = block.step(h, block_state)
+            block_states.append(block_state)
+        return self._logits(h), {"position": start + 1, "blocks": block_states}
 
+
+@register_model("transformer", LMConfig)
 class TransformerLM(LM):
     """nanoGPT's GPT: LayerNorm without bias, learned positions, tied embeddings, GELU MLP x4.
 

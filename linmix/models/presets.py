@@ -4,11 +4,11 @@ The paper presets follow spec/k_operators.md sections 4.2, 4.3 and 4.5; their pa
 match the spec to the digit (tests/test_presets.py).
 """
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
 
-from linmix.models.kstack import KStackConfig
-from linmix.models.lm import LMConfig
+from torch import nn
+
+from linmix.models.registry import apply_overrides, build_model, model_kind
 
 # Training recipes (keys of linmix.train.TrainConfig).
 KOPS_TS_TRAIN = dict(
@@ -39,31 +39,41 @@ class Preset:
     corpus: str = "tinyshakespeare-char"
 
     def model_config(self, **overrides):
-        """The model config dataclass with `overrides` applied (unknown fields raise ValueError)."""
-        config_cls = MODEL_CONFIGS[self.model_kind]
-        known = {f.name for f in fields(config_cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"preset {self.name!r} has no model fields {unknown}; known: {sorted(known)}")
-        return config_cls(**{**self.model, **overrides})
+        """The model config dataclass with `overrides` applied.
+
+        Args:
+            overrides: model-config fields, mixer fields as "mixer_kwargs.FIELD" or bare where no
+                model field has the name (see `linmix.models.registry.apply_overrides`).
+
+        Returns:
+            The config of the preset's model kind; unknown fields or bad values raise ValueError.
+        """
+        config_cls = model_kind(self.model_kind).config_cls
+        return config_cls(**apply_overrides(self.model_kind, self.model, overrides))
+
+    def build_model(self, **overrides) -> nn.Module:
+        """The preset's model with `overrides` applied (see `model_config`)."""
+        return build_model(self.model_kind, self.model_config(**overrides))
 
 
-MODEL_CONFIGS: dict[str, Callable] = {"kstack": KStackConfig, "transformer": LMConfig, "lm": LMConfig}
-
+# The K2 mixer of paper 2 (spec/k_operators.md 4.3).
+_K2_V2 = dict(rank=32, gamma_min=0.15, gamma_max=0.995, gamma_init="v2", alpha_cap=0.95, decay_backend="mask")
 _KOPS_TS_V2 = dict(
-    vocab_size=65, d_model=128, n_k2=6, rank=32, context_length=256, kbase="shared",
-    gamma_min=0.15, gamma_max=0.995, gamma_init="v2", alpha_cap=0.95,
+    vocab_size=65, d_model=128, n_k2=6, context_length=256, kbase="shared", mixer="k2", mixer_kwargs=_K2_V2,
     refine_steps_train=0, refine_steps_eval=0, head="gelu", head_mult=1,
-    dropout_emb=0.08, dropout_mlp=0.10, dropout_resid=0.05, dropout_head=0.15, decay_backend="mask",
+    dropout_emb=0.08, dropout_mlp=0.10, dropout_resid=0.05, dropout_head=0.15,
 )
+_KOPS_TS_LINEAR = {
+    **_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "mixer_kwargs": {**_K2_V2, "decay_backend": "auto"},
+}
 
 _PRESET_LIST = [
     Preset(
         "kops-ts-v1",
         "K-Operators paper 1, Tiny Shakespeare char: per-layer dense Kbase, gamma in (0.85, 1.0), 1 refinement step",
         "kstack",
-        {**_KOPS_TS_V2, "kbase": "per_layer", "gamma_min": 0.85, "gamma_max": 1.0, "gamma_init": "v1",
-         "alpha_cap": 0.8, "refine_steps_train": 1, "refine_steps_eval": 1},
+        {**_KOPS_TS_V2, "kbase": "per_layer", "refine_steps_train": 1, "refine_steps_eval": 1,
+         "mixer_kwargs": {**_K2_V2, "gamma_min": 0.85, "gamma_max": 1.0, "gamma_init": "v1", "alpha_cap": 0.8}},
         KOPS_TS_TRAIN,
     ),
     Preset(
@@ -84,14 +94,14 @@ _PRESET_LIST = [
         "kops-ts-linear",
         "Linear-time kops-ts-v2: 16-tap Toeplitz Kbase shared across layers, chunked decay path",
         "kstack",
-        {**_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "decay_backend": "auto"},
+        _KOPS_TS_LINEAR,
         KOPS_LINEAR_TRAIN,
     ),
     Preset(
         "kops-ts-linear-long",
         "kops-ts-linear trained at context 1024 (16 x 1024 tokens per step, as kops-ts-v2's 64 x 256)",
         "kstack",
-        {**_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "decay_backend": "auto", "context_length": 1024},
+        {**_KOPS_TS_LINEAR, "context_length": 1024},
         {**KOPS_LINEAR_TRAIN, "batch_size": 16},
     ),
     Preset(
@@ -126,6 +136,15 @@ def get_preset(name: str) -> Preset:
 
 
 def with_overrides(preset: Preset, **model_overrides) -> Preset:
-    """A copy of `preset` whose model config has `model_overrides` applied (validated)."""
+    """A copy of `preset` whose model config has `model_overrides` applied.
+
+    Args:
+        preset: the preset.
+        model_overrides: routed as in `Preset.model_config` (a mixer field lands in mixer_kwargs,
+            merged with the preset's).
+
+    Returns:
+        The new preset; its model config is built once, so bad overrides raise ValueError here.
+    """
     preset.model_config(**model_overrides)
-    return replace(preset, model={**preset.model, **model_overrides})
+    return replace(preset, model=apply_overrides(preset.model_kind, preset.model, model_overrides))

@@ -99,11 +99,6 @@ def check_log_decay(name: str, log_decay: torch.Tensor, tol: float = 1e-6) -> No
         raise ValueError(f"{name} must be finite, got -inf; clamp full resets to a large negative value such as -30")
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops compute in: float64 stays float64, everything else runs in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def check_cu_seqlens(name: str, cu_seqlens: object, packed: tuple[str, torch.Tensor]) -> None:
     """Raise TypeError/ValueError unless ``cu_seqlens`` splits a packed ``[1, T, ...]`` tensor.
 

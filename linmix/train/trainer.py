@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from linmix.data.batches import RandomWindowSampler
 from linmix.models.param_groups import param_groups
+from linmix.models.registry import current_config_dict
 from linmix.train.checkpoint import (
     capture_rng_states,
     load_checkpoint,
@@ -392,6 +393,8 @@ class Trainer:
         differences = run_changing_differences(checkpoint["config"], self.config)
         current_model_config = model_config_dict(self.model)
         saved_model_config = checkpoint["model_config"]
+        if saved_model_config is not None:
+            saved_model_config = current_config_dict(self.model, saved_model_config)
         if saved_model_config != current_model_config:
             keys = sorted(
                 key

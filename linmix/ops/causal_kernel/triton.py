@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from linmix.ops._triton import launch_device
+from linmix.ops.common.triton import cdiv, launch_device
 
 BLOCK_T = 32
 MAX_BLOCK_D = 128
@@ -26,7 +26,7 @@ def _kernels():
 def _blocks(T: int, D: int) -> tuple[int, int, int, int]:
     """(BT, BD, number of T tiles, number of D tiles)."""
     BD = max(16, min(MAX_BLOCK_D, 1 << (D - 1).bit_length()))
-    return BLOCK_T, BD, -(-T // BLOCK_T), -(-D // BD)
+    return BLOCK_T, BD, cdiv(T, BLOCK_T), cdiv(D, BD)
 
 
 @torch.library.custom_op("linmix::toeplitz_fwd", mutates_args=())

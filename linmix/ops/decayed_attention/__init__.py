@@ -4,10 +4,9 @@
 ``g = log_gamma``, and the K-Operators K2 decay path (one head, K = r, V = d, scale 1).
 """
 
-import importlib.util
-
 import torch
 
+from linmix.ops._dispatch import Backend, Op, dispatch, register_op
 from linmix.ops._validate import (
     check_choice,
     check_cu_seqlens,
@@ -18,36 +17,13 @@ from linmix.ops._validate import (
     check_same_dtype,
     check_shape,
     check_tensor,
-    compute_dtype,
     shape_str,
 )
 from linmix.ops.decayed_attention.chunk import chunk_decayed_attention
+from linmix.ops.decayed_attention.fla import fla_decayed_attention
 from linmix.ops.decayed_attention.mask import mask_decayed_attention
 from linmix.ops.decayed_attention.naive import naive_decayed_attention
-from linmix.ops.decayed_attention.varlen import per_sequence_decayed_attention
-
-# name -> function(q, k, v, log_gamma, scale, initial_state, output_final_state) -> (o, state)
-BACKENDS = {
-    "naive": naive_decayed_attention,
-    "mask": mask_decayed_attention,
-    "chunk": chunk_decayed_attention,
-}
-if importlib.util.find_spec("triton") is not None:  # the fused kernels need the optional triton package
-    from linmix.ops.decayed_attention.triton import triton_decayed_attention
-
-    BACKENDS["triton"] = triton_decayed_attention
-if importlib.util.find_spec("fla") is not None:  # flash-linear-attention, the optional fla package
-    from linmix.ops.decayed_attention.fla import fla_decayed_attention
-
-    BACKENDS["fla"] = fla_decayed_attention
-NATIVE_DTYPE_BACKENDS = frozenset({"triton", "fla"})  # read 16-bit q/k/v themselves and sum in float32
-# Backends that take ``cu_seqlens=`` themselves; the others run once per packed sequence.
-VARLEN_BACKENDS = frozenset({"triton", "fla"})
-
-
-def _auto_backend(q: torch.Tensor) -> str:
-    """The fused kernel on CUDA where one is registered, the chunked form elsewhere."""
-    return "triton" if q.is_cuda and "triton" in BACKENDS else "chunk"
+from linmix.ops.decayed_attention.triton import triton_decayed_attention
 
 
 def _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend, check_values: bool) -> None:
@@ -83,8 +59,9 @@ def _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend, che
         else:
             N = cu_seqlens.shape[0] - 1
             check_shape("initial_state", initial_state, (N, H, K, V), "[N, H, K, V] (N sequences in cu_seqlens)")
-    check_finite_number("scale", scale)
-    check_choice("backend", backend, (*BACKENDS, "auto"))
+    if scale is not None:
+        check_finite_number("scale", scale)
+    check_choice("backend", backend, OP.backend_names())
 
 
 def decayed_attention(
@@ -93,7 +70,7 @@ def decayed_attention(
     v: torch.Tensor,
     log_gamma: torch.Tensor,
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
@@ -117,7 +94,7 @@ def decayed_attention(
         v: values, ``[B, T, H, V]``, same dtype and device as ``q``.
         log_gamma: natural log of the decay, ``<= 0`` and finite: ``[H, K]`` for a decay constant
             in time, or ``[B, T, H, K]`` for one per token.
-        scale: factor applied to every output (fla's GLA default would be ``K ** -0.5``).
+        scale: factor applied to every output; None means ``K ** -0.5`` (the K2 mixer passes 1.0).
         initial_state: ``[B, H, K, V]`` state before the first position (``[N, H, K, V]``, one
             per sequence, with ``cu_seqlens``), or None.
         output_final_state: whether to return the state after the last position.
@@ -138,23 +115,9 @@ def decayed_attention(
         (float64 for float64 inputs), or None unless ``output_final_state``.
     """
     _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend, check_values)
-    if backend == "auto":
-        backend = _auto_backend(q)
-    dtype = compute_dtype(q.dtype)
-    if dtype == torch.float64 and backend in NATIVE_DTYPE_BACKENDS:  # their kernels compute in float32 at most
-        backend = "chunk"
-    io_dtype = q.dtype if backend in NATIVE_DTYPE_BACKENDS else dtype
-    if initial_state is not None:
-        initial_state = initial_state.to(dtype)
-    fn = BACKENDS[backend]
-    args = (q.to(io_dtype), k.to(io_dtype), v.to(io_dtype), log_gamma.to(dtype), float(scale), initial_state)
-    if cu_seqlens is None:
-        o, final_state = fn(*args, output_final_state)
-    elif backend in VARLEN_BACKENDS:
-        o, final_state = fn(*args, output_final_state, cu_seqlens=cu_seqlens)
-    else:
-        o, final_state = per_sequence_decayed_attention(fn, *args, output_final_state, cu_seqlens)
-    return o.to(v.dtype), final_state
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return dispatch(OP, backend, dict(q=q, k=k, v=v, log_gamma=log_gamma), dict(scale=scale),
+                    initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def decayed_attention_step(
@@ -164,7 +127,7 @@ def decayed_attention_step(
     log_gamma: torch.Tensor,
     state: torch.Tensor,
     *,
-    scale: float = 1.0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One position of ``decayed_attention`` from a carried state: the decoding step.
 
@@ -179,11 +142,15 @@ def decayed_attention_step(
         v: values, ``[B, H, V]``.
         log_gamma: log decay ``<= 0``, ``[H, K]`` (constant) or ``[B, H, K]`` (this position's).
         state: ``[B, H, K, V]``, the state after the previous position.
-        scale: factor applied to the output.
+        scale: factor applied to the output; None means ``K ** -0.5``.
 
     Returns:
         ``o`` of shape ``[B, H, V]`` in ``v``'s dtype and the new state ``[B, H, K, V]`` in the compute dtype.
     """
+    for name, x in (("q", q), ("k", k), ("v", v), ("log_gamma", log_gamma), ("state", state)):
+        check_tensor(name, x)
+    check_ndim("q", q, (3,), "[B, H, K]")
+    check_ndim("v", v, (3,), "[B, H, V]")
     B, H, K = q.shape
     V = v.shape[-1]
     check_shape("k", k, (B, H, K), "[B, H, K] like q")
@@ -193,6 +160,7 @@ def decayed_attention_step(
         raise ValueError(
             f"log_gamma must have shape [H, K] = [{H}, {K}] or [B, H, K] = [{B}, {H}, {K}], got {shape_str(log_gamma)}"
         )
+    scale = K**-0.5 if scale is None else float(scale)
     dtype = torch.promote_types(state.dtype, q.dtype)
     gamma = torch.exp(log_gamma.to(dtype))  # [H, K] or [B, H, K]
     state = gamma[..., None] * state.to(dtype) + k.to(dtype)[..., None] * v.to(dtype)[..., None, :]  # [B, H, K, V]
@@ -200,4 +168,26 @@ def decayed_attention_step(
     return o.to(v.dtype), state
 
 
-__all__ = ["BACKENDS", "VARLEN_BACKENDS", "decayed_attention", "decayed_attention_step"]
+OP = register_op(Op(
+    name="decayed_attention",
+    module=__name__,
+    fn=decayed_attention,
+    backends={
+        "naive": Backend(naive_decayed_attention, "token-by-token loop: the executable spec", max_T=2048,
+                         limit="token-by-token loop"),
+        "mask": Backend(mask_decayed_attention, "quadratic, through an explicit [T, T] decay tensor", max_T=4096,
+                        limit="quadratic memory"),
+        "chunk": Backend(chunk_decayed_attention, "chunked parallel form in PyTorch (CPU and GPU)"),
+        "triton": Backend(triton_decayed_attention, "fused chunked Triton kernels, float32 states",
+                          native_dtypes=True, varlen=True, float64=False, needs_cuda=True, interpretable=True,
+                          requires="triton"),
+        "fla": Backend(fla_decayed_attention, "flash-linear-attention's chunk_gla (CUDA)", native_dtypes=True,
+                       varlen=True, float64=False, needs_cuda=True, requires="fla"),
+    },
+    auto=("triton", "chunk"),
+    per_token={"q": (4,), "k": (4,), "v": (4,), "log_gamma": (4,)},
+    float32_args=("log_gamma",),
+    step=decayed_attention_step,
+))
+
+__all__ = ["OP", "decayed_attention", "decayed_attention_step"]

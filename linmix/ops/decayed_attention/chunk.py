@@ -7,16 +7,8 @@ nothing overflows, however strong the decay (no ``exp(-cumlog)`` factorisation).
 """
 
 import torch
-import torch.nn.functional as F
 
-
-def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Zero-pad ``[B, T, ...]`` to a multiple of ``chunk_size`` and reshape to ``[B, N, C, ...]``."""
-    B, T = x.shape[:2]
-    pad = -T % chunk_size
-    if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-    return x.reshape(B, (T + pad) // chunk_size, chunk_size, *x.shape[2:])
+from linmix.ops.common.chunk import to_chunks
 
 
 def chunk_decayed_attention(
@@ -51,7 +43,7 @@ def chunk_decayed_attention(
     V = v.shape[-1]
     if log_gamma.dim() == 2:
         log_gamma = log_gamma.expand(1, T, H, K)  # constant decay: a batch of one, no copy
-    q, k, v, log_gamma = (_to_chunks(x, chunk_size) for x in (q, k, v, log_gamma))
+    q, k, v, log_gamma = (to_chunks(x, chunk_size) for x in (q, k, v, log_gamma))
     cumlog = log_gamma.cumsum(dim=2)  # [Bg, N, C, H, K], log decay from the chunk start
 
     # Within each chunk: decay[i, j] = exp(sum_{j < r <= i} log_gamma[r]) for j <= i, else 0.

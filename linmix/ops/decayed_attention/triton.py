@@ -12,14 +12,21 @@ fake implementations and an autograd formula, so ``torch.compile(fullgraph=True)
 them without a graph break.
 """
 
-import dataclasses
 import functools
 import importlib
-import os
 
 import torch
 
-from linmix.ops._triton import launch_device
+from linmix.ops.common.triton import (
+    ChunkLayout,
+    cdiv,
+    chunk_layout,
+    dot_options,
+    launch_device,
+    sequential_block_v,
+    tile_size,
+)
+from linmix.ops.common.triton import state_rows as common_state_rows
 
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block inside a chunk (BC)
@@ -51,101 +58,32 @@ def _kernels():
     return importlib.import_module("linmix.ops.decayed_attention.triton_kernels")
 
 
-def _cdiv(n: int, d: int) -> int:
-    """``ceil(n / d)`` for positive integers."""
-    return -(-n // d)
-
-
-def _tile_size(n: int, block: int | None, largest: int) -> int:
-    """``block`` if given, else the power of two covering ``n``, clamped to ``[16, largest]``."""
-    return block or max(16, min(largest, 1 << (n - 1).bit_length()))
-
-
 def _sequential_block_v(x: torch.Tensor, K: int, V: int, n_seqs: int, H: int, BK: int, BV: int,
                         block_v: int | None) -> int:
-    """The ``BV`` tile of the passes that run sequentially over the chunks (states and their gradients).
-
-    They have one program per ``(BK, BV)`` tile, sequence and head. While those are fewer than
-    the device's multiprocessors (long sequences in small batches), halve ``BV`` (down to 16) so
-    that every multiprocessor runs one; an explicit ``block_v`` is kept.
-    """
-    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    while block_v is None and BV > 16 and _cdiv(K, BK) * _cdiv(V, BV) * n_seqs * H < processors:
-        BV //= 2
-    return BV
+    """The ``BV`` tile of the state passes: one program per ``(BK, BV)`` tile, sequence and head."""
+    return sequential_block_v(x, cdiv(K, BK) * n_seqs * H, V, BV, block_v)
 
 
-def _dot_options(dtype: torch.dtype) -> dict:
-    """How the kernels multiply matrices of ``dtype`` inputs: ``PRECISION`` and the operand dtype ``DOT_DTYPE``.
+def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> ChunkLayout:
+    """The layout of the batch in chunks of ``CHUNK`` positions."""
+    return chunk_layout(B, T, cu_seqlens, CHUNK)
 
-    float32 inputs multiply exactly in float32; 16-bit ones in their own dtype with float32 sums.
-    Triton's interpreter has no 16-bit matrix product, so there every product runs in float32.
-    """
-    tl = importlib.import_module("triton.language")
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(PRECISION="ieee", DOT_DTYPE=tl.float32)
-    return dict(PRECISION="tf32", DOT_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+
+def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
+    """Rows of the chunk-state buffers (see ``linmix.ops.common.triton.state_rows``)."""
+    return common_state_rows(B, T, cu_seqlens, CHUNK)
 
 
 def _diagonal_options(dtype: torch.dtype) -> dict:
-    """``_dot_options`` plus how the products inside a sub-block multiply (``DIAG_PRECISION``, ``DIAG_DTYPE``).
+    """``dot_options`` plus how the products inside a sub-block multiply (``DIAG_PRECISION``, ``DIAG_DTYPE``).
 
     Their operands carry factors up to ``exp(60)``, beyond float16's range, and feed ``dlog_gamma``,
     whose sums cancel: 16-bit inputs multiply there in TF32 (float32 range, 10-bit mantissa).
     """
-    options = _dot_options(dtype)
+    options = dot_options(dtype)
     tl = importlib.import_module("triton.language")
     precision = "tf32" if options["DOT_DTYPE"] != tl.float32 else options["PRECISION"]
     return dict(options, DIAG_PRECISION=precision, DIAG_DTYPE=tl.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How the rows of ``[B, T, ...]`` split into sequences and chunks of ``CHUNK`` positions.
-
-    ``NT`` is the chunk count of every sequence without ``cu_seqlens``; ``n_chunks`` counts the
-    chunks of the whole batch and ``n_seqs`` the sequences. With ``cu_seqlens``, ``chunk_indices``
-    ``[n_chunks, 2]`` holds every chunk's sequence and position in it and ``chunk_offsets``
-    ``[n_seqs]`` every sequence's first chunk (both int32). The chunk states get
-    ``state_rows(B, T, n_seqs)`` rows, a bound on ``n_chunks`` known from the shapes alone.
-    """
-
-    T: int
-    NT: int
-    n_chunks: int
-    n_seqs: int
-    cu_seqlens: torch.Tensor | None
-    chunk_indices: torch.Tensor | None
-    chunk_offsets: torch.Tensor | None
-
-    @property
-    def varlen(self) -> bool:
-        return self.cu_seqlens is not None
-
-
-def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
-    """Rows of the chunk-state buffers: the chunk count, or with ``cu_seqlens`` its bound ``T // CHUNK + N``.
-
-    Every one of ``N`` packed sequences adds at most one partial chunk, so the bound holds whatever
-    the boundaries; it depends on shapes only, as ``torch.compile``'s fake tensors need.
-    """
-    return B * _cdiv(T, CHUNK) if cu_seqlens is None else T // CHUNK + cu_seqlens.shape[0] - 1
-
-
-def _layout(B: int, T: int, cu_seqlens: torch.Tensor | None) -> _Layout:
-    """The chunk layout of a batch of ``B`` sequences of ``T`` positions, or of the packed ``cu_seqlens``."""
-    if cu_seqlens is None:
-        NT = _cdiv(T, CHUNK)
-        return _Layout(T, NT, B * NT, B, None, None, None)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    counts = (lengths + CHUNK - 1) // CHUNK  # [N], chunks of every sequence
-    offsets = torch.cumsum(counts, 0) - counts  # [N], index of every sequence's first chunk
-    n_chunks = int(counts.sum())
-    seq = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    position = torch.arange(n_chunks, device=counts.device) - offsets[seq]
-    chunk_indices = torch.stack([seq, position], dim=1).to(torch.int32).contiguous()
-    return _Layout(T, 0, n_chunks, len(counts), cu_seqlens.to(torch.int32).contiguous(), chunk_indices,
-                   offsets.to(torch.int32).contiguous())
 
 
 def _chunk_states(
@@ -153,7 +91,7 @@ def _chunk_states(
     v: torch.Tensor,
     log_gamma: torch.Tensor,
     initial_state: torch.Tensor | None,
-    layout: _Layout,
+    layout: ChunkLayout,
     BK: int,
     BV: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,15 +111,15 @@ def _chunk_states(
     h = k.new_empty(state_rows(B, T, layout.cu_seqlens), H, K, V, dtype=torch.float32)
     ht = k.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    _kernels().chunk_states_kernel[(_cdiv(K, BK), _cdiv(V, BV), layout.n_seqs * H)](
+    _kernels().chunk_states_kernel[(cdiv(K, BK), cdiv(V, BV), layout.n_seqs * H)](
         k, v, log_gamma, decay, h0, h, ht, layout.cu_seqlens, layout.chunk_offsets, layout.T, layout.NT, H, K, V,
         BT=CHUNK, BK=BK, BV=BV, CONST=const, HAS_H0=initial_state is not None, IS_VARLEN=layout.varlen,
-        **_dot_options(k.dtype), **LAUNCH["states"],
+        **dot_options(k.dtype), **LAUNCH["states"],
     )
     return h, ht, decay
 
 
-def _chunk_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, const: bool, layout: _Layout,
+def _chunk_scores(q: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, const: bool, layout: ChunkLayout,
                   BK: int) -> torch.Tensor:
     """The in-chunk scores ``[B, T, H, CHUNK]`` float32 (row ``t`` against its chunk's keys, causal part only)."""
     B, T, H, K = q.shape
@@ -227,7 +165,7 @@ def decayed_attention_forward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
+    BK, BV = tile_size(K, block_k, MAX_BLOCK_K), tile_size(V, block_v, MAX_BLOCK_V)
     const = log_gamma.dim() == 2
     with launch_device(q):
         layout = _layout(B, T, cu_seqlens)
@@ -235,9 +173,9 @@ def decayed_attention_forward(
         h, final_state, decay = _chunk_states(k, v, log_gamma, initial_state, layout, BK, BV_states)
         A = _chunk_scores(q, k, decay, const, layout, BK)
         o = torch.empty_like(v)
-        _kernels().chunk_output_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
+        _kernels().chunk_output_kernel[(cdiv(V, BV), layout.n_chunks, H)](
             q, v, decay, decay, h, A, o, scale, layout.cu_seqlens, layout.chunk_indices, T, layout.NT, H, K, V,
-            BT=CHUNK, BK=BK, BV=BV, CONST=const, IS_VARLEN=layout.varlen, **_dot_options(q.dtype),
+            BT=CHUNK, BK=BK, BV=BV, CONST=const, IS_VARLEN=layout.varlen, **dot_options(q.dtype),
             **LAUNCH["output"],
         )
     return o, final_state, h, A, (decay.new_empty(0, dtype=torch.float32) if const else decay)
@@ -281,10 +219,10 @@ def decayed_attention_backward(
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    BK, BV = _tile_size(K, block_k, MAX_BLOCK_K), _tile_size(V, block_v, MAX_BLOCK_V)
+    BK, BV = tile_size(K, block_k, MAX_BLOCK_K), tile_size(V, block_v, MAX_BLOCK_V)
     const = log_gamma.dim() == 2
     decay = log_gamma.contiguous() if const else cumulative_decay
-    dots = _dot_options(q.dtype)
+    dots = dot_options(q.dtype)
     kernels = _kernels()
     with launch_device(q):
         layout = _layout(B, T, cu_seqlens)
@@ -293,7 +231,7 @@ def decayed_attention_backward(
         dh0 = q.new_empty(layout.n_seqs, H, K, V, dtype=torch.float32)
         dht = None if dfinal_state is None else dfinal_state.float().contiguous()
         BV_states = _sequential_block_v(q, K, V, layout.n_seqs, H, BK, BV, block_v)
-        kernels.chunk_dstates_kernel[(_cdiv(K, BK), _cdiv(V, BV_states), layout.n_seqs * H)](
+        kernels.chunk_dstates_kernel[(cdiv(K, BK), cdiv(V, BV_states), layout.n_seqs * H)](
             q, decay, decay, do, dht, dh, dh0, scale, chunk_offsets=layout.chunk_offsets, H=H, K=K, V=V,
             BT=CHUNK, BK=BK, BV=BV_states, CONST=const, HAS_DHT=dfinal_state is not None, **dots,
             **varlen, **LAUNCH["dstates"],
@@ -304,20 +242,20 @@ def decayed_attention_backward(
             v, do, dA, scale, V=V, BV=BV, **per_chunk, **dots, **LAUNCH["dscores"]
         )
         dv = torch.empty_like(v)
-        kernels.chunk_dv_kernel[(_cdiv(V, BV), layout.n_chunks, H)](
+        kernels.chunk_dv_kernel[(cdiv(V, BV), layout.n_chunks, H)](
             k, decay, decay, do, dh, A, dv, scale, K=K, V=V, BK=BK, BV=BV, CONST=const, **per_chunk, **dots,
             **LAUNCH["dv"],
         )
         dq_inside = q.new_empty(B, T, H, K, dtype=torch.float32)
         dk_inside = torch.empty_like(dq_inside)
-        BK_intra = _tile_size(K, block_k, MAX_INTRA_BLOCK_K)
-        kernels.chunk_dqk_intra_kernel[(_cdiv(K, BK_intra), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
+        BK_intra = tile_size(K, block_k, MAX_INTRA_BLOCK_K)
+        kernels.chunk_dqk_intra_kernel[(cdiv(K, BK_intra), layout.n_chunks * (CHUNK // SUB_BLOCK), H)](
             q, k, decay, decay, dA, dq_inside, dk_inside, K=K, BC=SUB_BLOCK, BK=BK_intra, CONST=const, **per_chunk,
             **_diagonal_options(q.dtype), **LAUNCH["dqk_intra"],
         )
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dg = q.new_empty(B, T, H, K, dtype=torch.float32 if const else log_gamma.dtype)
-        kernels.chunk_dqk_kernel[(_cdiv(K, BK), layout.n_chunks, H)](
+        kernels.chunk_dqk_kernel[(cdiv(K, BK), layout.n_chunks, H)](
             q, k, v, decay, decay, h, do, dh, dA, dq_inside, dk_inside, dq, dk, dg, scale, K=K, V=V, BK=BK, BV=BV,
             CONST=const, **per_chunk, **dots, **LAUNCH["dqk"],
         )
@@ -346,7 +284,7 @@ def kernel_traffic(B: int, T: int, H: int, K: int, V: int, itemsize: int, per_to
     qk, vv = rows * K * itemsize, rows * V * itemsize  # one [B, T, H, K] / [B, T, H, V] tensor
     per_row = rows * K * 4  # a float32 [B, T, H, K] tensor
     decay = per_row if per_token else H * K * 4  # what the kernels read: the in-chunk sums, or log_gamma
-    states = B * _cdiv(T, CHUNK) * H * K * V * 4  # chunk states, or their gradient
+    states = B * cdiv(T, CHUNK) * H * K * V * 4  # chunk states, or their gradient
     final = B * H * K * V * 4  # final states, or the initial states' gradient
     scores = rows * CHUNK * 4  # in-chunk scores, or their gradient
     forward = ((qk + vv + decay) + (decay if per_token else 0) + states + final  # states: k, v, log_gamma -> ...
