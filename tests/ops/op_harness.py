@@ -146,11 +146,17 @@ def cuda_marks(marker: str = "gpu") -> list:
     return [getattr(pytest.mark, marker), pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
 
-def gpu_only(test):
-    """Mark ``test`` ``gpu`` (run with ``-m gpu``) and skip it where there is no CUDA."""
-    for mark in cuda_marks():
-        test = mark(test)
-    return test
+def cuda_only(marker: str = "gpu"):
+    """A decorator that marks a test ``marker`` (run with ``-m marker``) and skips it where there is no CUDA."""
+    def mark_test(test):
+        for mark in cuda_marks(marker):
+            test = mark(test)
+        return test
+
+    return mark_test
+
+
+gpu_only = cuda_only()
 
 
 def marks(backend: Backend, device: str) -> list:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_all_close, assert_close
-from op_harness import Case, case_inputs, cuda_marks, reference, run
+from op_harness import Case, case_inputs, cuda_marks, cuda_only, reference, run
 
 from linmix.ops import decayed_attention, decayed_attention_step
 from linmix.ops.decayed_attention import OP
@@ -94,8 +94,7 @@ def test_k2_decay_path_shape(backend):
                      _forward_backward(tensors, weights, backend, torch.float64), **F64)
 
 
-@pytest.mark.fla
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@cuda_only("fla")
 def test_fla_k2_decay_path_shape_bfloat16():
     """fla's chunk_gla at the K2 shape in bf16 (fla autotunes for this shape once)."""
     tensors, weights = k2_case()
