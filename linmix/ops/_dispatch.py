@@ -5,7 +5,10 @@ itself, take ``cu_seqlens`` itself, compute in float64, run only on CUDA, the lo
 running, the optional package it needs, the values of the op's settings it takes. ``dispatch``
 then does, for every op alike: the ``"auto"`` choice, the float64 fallback, the casts to the
 compute dtype, the per-sequence fallback for packed sequences (``cu_seqlens``) over the op's
-per-token tensors, and the cast of the output back to the input dtype.
+per-token tensors, and the cast of the output back to the input dtype. It also answers calls with
+nothing to compute (a dimension of size 0) without a backend, refuses a backend's dense
+intermediate past the size limit, and checks for NaN and infinities where asked to
+(``linmix.ops._guards``).
 
 Conventions of every backend function: it is called with the op's tensors and settings by
 keyword, plus ``initial_state`` and ``output_final_state`` (and ``cu_seqlens`` where it takes
@@ -14,15 +17,20 @@ them), on validated inputs already in its dtypes, and returns ``(o, final_state)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from linmix.ops._guards import SETTINGS, check_dense_bytes, check_inputs_finite, check_outputs_finite
 from linmix.ops.common.triton import interpreting
 
 State = torch.Tensor | tuple[torch.Tensor, ...] | None
+Shape = tuple[int, ...]
+StateShape = Shape | tuple[Shape, ...]  # one state tensor's shape, or one per tensor of a tuple state
 _INSTALLED: dict[str, bool] = {}  # optional package -> importable, looked up once (torch.compile traces dict reads)
 
 
@@ -51,6 +59,11 @@ class Backend:
         limit: why ``max_T`` (e.g. "quadratic memory").
         requires: the optional package it imports (e.g. ``"fla"``), or None.
         takes: setting name -> the values of it this backend supports (others are refused).
+        materializes: for a backend that builds a tensor growing faster than its inputs and outputs
+            (a ``[T, T]`` matrix): called with the backend's arguments, returns the bytes of the
+            largest such tensor and what it is, e.g. ``"a [T, T] float32 matrix for x of shape
+            [...]"``; ``dispatch`` refuses calls past ``linmix.ops.max_dense_bytes()``. None if
+            nothing grows faster than the inputs.
     """
 
     fn: Callable
@@ -64,6 +77,7 @@ class Backend:
     limit: str = ""
     requires: str | None = None
     takes: dict[str, tuple] = field(default_factory=dict)
+    materializes: Callable[..., tuple[int, str]] | None = None
 
     def missing(self) -> str | None:
         """Why the backend cannot be imported here (its package is not installed), or None."""
@@ -109,6 +123,10 @@ class Op:
             backend, whatever the input dtype (log decays, gates).
         step: the one-token step function ``step(**tensors at one position, **settings, state)
             -> (o_t, state)``.
+        result_shapes: ``(tensors, settings, initial_state, sequences) -> (o shape, final state
+            shape)`` (a tuple of shapes for a tuple state; ``sequences`` is B, or N with
+            ``cu_seqlens``). With it ``dispatch`` answers a call whose results are empty, or whose
+            T is 0, without a backend (see ``dispatch``); without it every call reaches the backend.
     """
 
     name: str
@@ -119,6 +137,7 @@ class Op:
     per_token: dict[str, tuple[int, ...]]
     step: Callable
     float32_args: tuple[str, ...] = ()
+    result_shapes: Callable[[dict, dict, State, int], tuple[Shape, StateShape]] | None = None
 
     def runnable(self, name: str, device: torch.device, settings: dict) -> bool:
         """Whether backend ``name`` runs on ``device`` (not interpreted) and takes ``settings``."""
@@ -231,16 +250,102 @@ def _per_sequence(op: Op, fn: Callable, tensors: dict, settings: dict, initial_s
     return torch.cat(outputs, dim=1), (_cat_states(states) if output_final_state else None)
 
 
+def _state_items(prefix: str, state: State) -> list[tuple[str, torch.Tensor]]:
+    """A state's tensors by name: ``prefix`` for one tensor, ``prefix[i]`` for each of a tuple."""
+    if state is None:
+        return []
+    if isinstance(state, tuple):
+        return [(f"{prefix}[{i}]", part) for i, part in enumerate(state)]
+    return [(prefix, state)]
+
+
+def _call_backend(op: Op, name: str, **kwargs) -> tuple[torch.Tensor, State]:
+    """Backend ``name`` of ``op`` called with ``kwargs``, refused if its dense intermediate is past the limit."""
+    backend = op.backends[name]
+    if backend.materializes is not None:
+        check_dense_bytes(op.name, name, *backend.materializes(**kwargs))
+    return backend.fn(**kwargs)
+
+
+def _run(op: Op, name: str, tensors: dict, settings: dict, initial_state: State, output_final_state: bool,
+         cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """Backend ``name`` on the call: inputs cast to its dtypes, packed sequences one by one unless it takes them."""
+    input_dtype = next(iter(tensors.values())).dtype
+    dtype = compute_dtype(input_dtype)
+    io_dtype = input_dtype if op.backends[name].native_dtypes else dtype
+    tensors = {key: x.to(dtype if key in op.float32_args else io_dtype) for key, x in tensors.items()}
+    initial_state = map_state(lambda part: part.to(dtype), initial_state)
+    backend = functools.partial(_call_backend, op, name)
+    if cu_seqlens is None:
+        o, final_state = backend(**tensors, **settings, initial_state=initial_state,
+                                 output_final_state=output_final_state)
+    elif op.backends[name].varlen:
+        o, final_state = backend(**tensors, **settings, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    else:
+        o, final_state = _per_sequence(op, backend, tensors, settings, initial_state, output_final_state, cu_seqlens)
+    return o.to(input_dtype), final_state
+
+
+def _is_one_shape(shape: StateShape) -> bool:
+    """Whether ``shape`` is one tensor's shape (sizes, symbolic ones too), not one per tensor of a tuple state."""
+    return not any(isinstance(n, tuple) for n in shape)
+
+
+def _shapes_of(shape: StateShape) -> tuple[Shape, ...]:
+    """The shapes of a state's tensors: ``shape`` itself for one tensor, its items for a tuple."""
+    return (shape,) if _is_one_shape(shape) else shape
+
+
+def _nothing_to_compute(T: int, o_shape: Shape, state_shape: StateShape, output_final_state: bool) -> bool:
+    """Whether a call's results are known without a backend: ``o`` is empty and the final state is not
+    asked for, or is empty too, or is the initial state (T = 0)."""
+    if math.prod(o_shape) != 0:
+        return False
+    return T == 0 or not output_final_state or all(math.prod(shape) == 0 for shape in _shapes_of(state_shape))
+
+
+def _zero_depending_on(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A float32 zero whose gradient to each leaf that requires grad is zeros of its shape (no value is read)."""
+    zero = torch.zeros((), device=device)
+    return sum((x.reshape(-1)[:0].sum().float() for x in leaves if x.requires_grad), zero)
+
+
+def _result_without_backend(tensors: dict, initial_state: State, o_shape: Shape, state_shape: StateShape,
+                            output_final_state: bool) -> tuple[torch.Tensor, State]:
+    """The results of a call with nothing to compute: ``o`` of zeros (empty); the final state the initial
+    state if T = 0 (zeros if None), else zeros (empty). Gradients flow: zeros to every input, and
+    the final state's to the initial state when it passes through."""
+    first = next(iter(tensors.values()))
+    dtype = compute_dtype(first.dtype)
+    leaves = [*tensors.values(), *(part for _, part in _state_items("s", initial_state))]
+    zero = _zero_depending_on(leaves, first.device)
+    o = torch.zeros(o_shape, dtype=first.dtype, device=first.device) + zero.to(first.dtype)
+    if not output_final_state:
+        return o, None
+    if first.shape[1] == 0 and initial_state is not None:
+        return o, map_state(lambda part: part.to(dtype) + zero.to(dtype), initial_state)
+    zeros = tuple(torch.zeros(shape, dtype=dtype, device=first.device) + zero.to(dtype)
+                  for shape in _shapes_of(state_shape))
+    return o, (zeros[0] if _is_one_shape(state_shape) else zeros)
+
+
 def dispatch(op: Op, backend: str, tensors: dict[str, torch.Tensor], settings: dict, *,
              initial_state: State = None, output_final_state: bool = False,
              cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
     """Run a validated call of ``op`` on a backend.
 
+    Zero-size dimensions: a call whose ``o`` has no element, and whose final state is not asked for,
+    has no element either, or is the initial state (``T = 0``), is answered without a backend
+    (where the op gives ``result_shapes``): ``o`` empty, the final state the initial state for
+    ``T = 0`` (zeros if None) and empty otherwise, gradients zeros of the inputs' shapes. So every
+    backend behaves alike on empty batches.
+
     Args:
         op: the registered op.
         backend: a name of ``op.backend_names()``.
         tensors: the op's tensor arguments by name, all in one floating dtype (the first one's is
-            the output's), validated.
+            the output's; its dims 0 and 1 are B and T), validated.
         settings: the op's other arguments by name (scale, form, ...), passed through.
         initial_state: the state before the first position (one tensor or a tuple; one row per
             sequence), or None.
@@ -250,23 +355,22 @@ def dispatch(op: Op, backend: str, tensors: dict[str, torch.Tensor], settings: d
     Returns:
         ``(o, final_state)``: ``o`` in the input dtype; the state in float32 (float64 for
         float64 inputs), or None unless ``output_final_state``.
-    """
-    input_dtype = next(iter(tensors.values())).dtype
-    dtype = compute_dtype(input_dtype)
-    device = next(iter(tensors.values())).device
-    name = op.choose(backend, device, settings, dtype)
-    chosen = op.backends[name]
-    io_dtype = input_dtype if chosen.native_dtypes else dtype
-    tensors = {key: x.to(dtype if key in op.float32_args else io_dtype) for key, x in tensors.items()}
-    initial_state = map_state(lambda part: part.to(dtype), initial_state)
-    if cu_seqlens is None:
-        o, final_state = chosen.fn(**tensors, **settings, initial_state=initial_state,
-                                   output_final_state=output_final_state)
-    elif chosen.varlen:
-        o, final_state = chosen.fn(**tensors, **settings, initial_state=initial_state,
-                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    else:
-        o, final_state = _per_sequence(op, chosen.fn, tensors, settings, initial_state, output_final_state,
-                                       cu_seqlens)
-    return o.to(input_dtype), final_state
 
+    Raises:
+        ValueError: the backend cannot run here or take the settings; it would build a dense
+            intermediate past ``linmix.ops.max_dense_bytes()``; with ``linmix.ops.check_finite``
+            on, an input or an output holds NaN or an infinity.
+    """
+    first = next(iter(tensors.values()))
+    if SETTINGS.check_finite:
+        check_inputs_finite(op.name, [*tensors.items(), *_state_items("initial_state", initial_state)])
+    name = op.choose(backend, first.device, settings, compute_dtype(first.dtype))
+    if op.result_shapes is not None:
+        sequences = first.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        o_shape, state_shape = op.result_shapes(tensors, settings, initial_state, sequences)
+        if _nothing_to_compute(first.shape[1], o_shape, state_shape, output_final_state):
+            return _result_without_backend(tensors, initial_state, o_shape, state_shape, output_final_state)
+    o, final_state = _run(op, name, tensors, settings, initial_state, output_final_state, cu_seqlens)
+    if SETTINGS.check_finite:
+        check_outputs_finite(op.name, name, [("o", o), *_state_items("final_state", final_state)])
+    return o, final_state

@@ -92,11 +92,34 @@ def check_log_decay(name: str, log_decay: torch.Tensor, tol: float = 1e-6) -> No
     lo, hi = torch.aminmax(log_decay.detach())
     lo, hi = lo.item(), hi.item()
     if math.isnan(lo) or math.isnan(hi):
-        raise ValueError(f"{name} contains NaN")
+        index, value = first_non_finite(log_decay)
+        raise ValueError(f"{name} holds {value} at {index}; it is the log of a decay and must be finite")
     if hi > tol:
         raise ValueError(f"{name} is the log of a decay and must be <= 0, got a maximum of {hi:.3g}")
     if lo == -math.inf:
-        raise ValueError(f"{name} must be finite, got -inf; clamp full resets to a large negative value such as -30")
+        index, value = first_non_finite(log_decay)
+        raise ValueError(f"{name} must be finite, got {value} at {index}; clamp full resets to a large negative "
+                         "value such as -30")
+
+
+def first_non_finite(tensor: torch.Tensor) -> tuple[list[int], float] | None:
+    """The first NaN or infinite entry of ``tensor`` in row-major order, or None if every entry is finite.
+
+    It reads the tensor's values (on a GPU, a wait for the device).
+
+    Returns:
+        ``(index, value)``: the entry's index, one int per dimension, and its value (nan, inf or -inf).
+    """
+    bad = ~torch.isfinite(tensor.detach())
+    if not bad.any():
+        return None
+    flat = bad.reshape(-1).to(torch.uint8).argmax().item()  # argmax returns the first of equal maxima
+    index = []
+    for size in reversed(tensor.shape):
+        flat, position = divmod(flat, size)
+        index.append(position)
+    index.reverse()
+    return index, tensor[tuple(index)].item()
 
 
 def check_cu_seqlens(name: str, cu_seqlens: object, packed: tuple[str, torch.Tensor]) -> None:

@@ -1,7 +1,7 @@
 """causal_kernel's own properties, beyond the op contract that ``test_op_contract.py`` checks for every op.
 
 Known kernels, the dense form's unread upper triangle, the choice of form and backend, the decoding
-step from an empty history, and what the state holds.
+step from an empty history, what the state holds, and the size limit of the dense matrix.
 """
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close
 from op_harness import Case, case_inputs
 
-from linmix.ops import causal_kernel, causal_kernel_step
+from linmix.ops import MAX_DENSE_BYTES, causal_kernel, causal_kernel_step, limit_dense_bytes
 from linmix.ops.causal_kernel import OP
 
 F64 = dict(ratio=1e-9, atol=1e-12)
@@ -126,3 +126,18 @@ def test_dense_form_refuses_a_packed_final_state():
         causal_kernel(x, kernel, cu_seqlens=cu_seqlens, output_final_state=True)
     y, final_state = causal_kernel(x, kernel, cu_seqlens=cu_seqlens)
     assert final_state is None and y.shape == x.shape
+
+
+def test_a_dense_kernel_past_the_size_limit_is_refused_before_allocating():
+    """x of T = 40000 with a [40000, 40000] kernel (meta tensors: nothing is allocated) needs a 6.4 GB
+    float32 [T, T] matrix on the matmul backend, auto's choice for the dense form: refused under the
+    default limit (4 GiB) with the bytes and how to raise it, run once the limit is raised."""
+    x, kernel = torch.empty(1, 40000, 8, device="meta"), torch.empty(40000, 40000, device="meta")
+    with limit_dense_bytes(MAX_DENSE_BYTES), pytest.raises(ValueError, match=(
+            r"^causal_kernel: backend 'matmul' would build a \[40000, 40000\] float32 dense mixing matrix for x of "
+            r"shape \[1, 40000, 8\]: 6,400,000,000 bytes \(5.96 GiB\), over the limit of 4,294,967,296 bytes "
+            r"\(4.00 GiB\); raise the limit with linmix.ops.limit_dense_bytes\(n\) or the environment variable "
+            r"LINMIX_MAX_DENSE_BYTES=n")):
+        causal_kernel(x, kernel)
+    with limit_dense_bytes(6_400_000_000):
+        assert causal_kernel(x, kernel)[0].shape == x.shape

@@ -12,7 +12,12 @@ library's backend under its own marker); the float64 reference stays on the CPU.
 5. the one-token step run from the initial state equals the parallel form;
 6. causality, bitwise;
 7. ``torch.compile(fullgraph=True)`` equals eager, gradients included;
-8. every bad input of the spec raises its error; bad ``cu_seqlens`` and refused settings raise.
+8. every bad input of the spec raises its error; bad ``cu_seqlens`` and refused settings raise;
+9. a dimension of size 0 (each of the spec's and T) gives empty results of the right shapes and
+   zero gradients, alike on every backend, or a ValueError naming an argument;
+10. with ``check_finite`` on, a NaN or infinite input is named with its first bad entry;
+11. a backend's dense intermediate is refused past ``limit_dense_bytes`` with the bytes it needs,
+    which are those of the largest tensor its forward allocates.
 """
 
 import dataclasses
@@ -53,7 +58,7 @@ from op_harness import (
     tolerance,
 )
 
-from linmix.ops import OPS
+from linmix.ops import OPS, check_finite, limit_dense_bytes
 from linmix.ops._dispatch import compute_dtype, map_state
 from linmix.ops._testing import spec_of
 
@@ -402,3 +407,165 @@ def test_refused_settings_raise(op_name, backend, regime):
     kwargs = {**valid_call(op_name, regime), "backend": backend}
     with pytest.raises(ValueError, match=re.escape(f"backend {backend!r} of {op_name} {reason}")):
         op.fn(**kwargs)
+
+
+# ---- 9. zero sizes ----------------------------------------------------------------------------------------
+
+ZERO_SIZE_T = 7  # the length of the cases whose other dimension is 0
+
+
+def zero_size_params() -> list:
+    """``(op, backend, "cpu", dim, regime)``: every CPU backend, each dimension of the spec and T, every regime it takes."""
+    params = []
+    for op_name, backend, device in entries():
+        if device == "cpu":
+            params += [param(op_name, backend, device, dim, r, id=f"{dim}0-{r}")
+                       for dim in ("T", *_spec(op_name).dims) for r in taken_regimes(op_name, backend)]
+    return params
+
+
+def _sized(op_name: str, regime: str, dim: str, size: int, with_state: bool) -> Case:
+    """The case of ``regime`` with dimension ``dim`` (``"T"`` or one of the spec's) set to ``size``."""
+    if dim == "T":
+        return Case(op_name, regime, size, with_state)
+    return Case(op_name, regime, ZERO_SIZE_T, with_state, dims=((dim, size),))
+
+
+def _shapes_at_zero(op_name: str, regime: str, dim: str, with_state: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every result (outputs, final states, gradients) at ``dim = 0``, extrapolated from the
+    reference at sizes 1 and 2: every shape is affine in every dimension."""
+    one, two = (reference(_sized(op_name, regime, dim, size, with_state)) for size in (1, 2))
+    return {name: tuple(2 * a - b for a, b in zip(one[name].shape, two[name].shape, strict=True)) for name in one}
+
+
+def _assert_names_an_argument(error: ValueError, names: list[str]) -> None:
+    pattern = r"\b(" + "|".join(map(re.escape, names)) + r")\b"
+    assert re.search(pattern, str(error)), f"the message names none of the arguments {names}: {error}"
+
+
+def _assert_empty_call(out: dict, initial_state: dict, T: int) -> None:
+    """The values of a call with empty outputs: with ``T = 0`` the final state is the initial state (zeros
+    without one) and passes its gradient (ones, under a sum) to it; every other gradient is zero."""
+    for name, x in out.items():
+        if T == 0 and name.startswith("final_state"):
+            start = initial_state.get(name.replace("final_state", "initial_state"))
+            expected = torch.zeros_like(x) if start is None else start.detach()
+        elif T == 0 and name.startswith("dinitial_state"):
+            expected = torch.ones_like(x)
+        elif name.startswith("d"):
+            expected = torch.zeros_like(x)
+        else:
+            continue
+        assert torch.equal(x, expected), f"{name} of an empty call: {x}"
+
+
+@pytest.mark.parametrize("op_name, backend, device, dim, regime", zero_size_params())
+def test_zero_sizes_give_empty_results_or_name_the_argument(op_name, backend, device, dim, regime):
+    """With one dimension at 0, from an initial state and without: either a ValueError naming an
+    argument of the op, or results of the shapes the other sizes imply and the contract's dtypes,
+    through which a backward runs; a call with empty outputs gives zero gradients, and with ``T = 0``
+    the initial state (zeros without one) as its final state. A regime whose inputs do not use the
+    dimension (no tensor is empty) is a plain call, checked elsewhere."""
+    skip_unless_runnable(op_name, backend, device)
+    op = OPS[op_name]
+    for with_state in (True, False):
+        inputs = case_inputs(_sized(op_name, regime, dim, 0, with_state))
+        tensors, state = leaves_of(inputs, torch.float32, device)
+        leaves = {**tensors, **dict(state_items("initial_state", state))}
+        if all(x.numel() for x in leaves.values()):
+            continue
+        try:
+            o, final_state = call(op, backend, tensors, inputs.settings, state, output_final_state=True)
+        except ValueError as error:
+            _assert_names_an_argument(error, [*tensors, *inputs.settings, "initial_state"])
+            continue
+        outputs = {"o": o, **dict(state_items("final_state", final_state))}
+        grads = torch.autograd.grad(sum(x.sum() for x in outputs.values()), list(leaves.values()),
+                                    allow_unused=True, materialize_grads=True)
+        out = {**outputs, **{f"d{name}": grad for name, grad in zip(leaves, grads, strict=True)}}
+        assert {name: tuple(x.shape) for name, x in out.items()} == _shapes_at_zero(op_name, regime, dim, with_state)
+        assert_result_dtypes(out, torch.float32)
+        if o.numel() == 0:
+            _assert_empty_call(out, dict(state_items("initial_state", state)), o.shape[1])
+
+
+# ---- 10. the finite check ---------------------------------------------------------------------------------
+
+
+def _arguments(op_name: str) -> list[str]:
+    """The names of a call's tensors and initial-state tensors (``initial_state``, or ``initial_state[i]``)."""
+    inputs = case_inputs(Case(op_name, _spec(op_name).regimes[0], ZERO_SIZE_T))
+    return [*inputs.tensors, *(name for name, _ in state_items("initial_state", inputs.initial_state))]
+
+
+FINITE_PARAMS = [pytest.param(op_name, argument, id=f"{op_name}-{argument}")
+                 for op_name in OPS for argument in _arguments(op_name)]
+
+
+@pytest.mark.parametrize("op_name, argument", FINITE_PARAMS)
+def test_finite_check_names_the_first_bad_entry(op_name, argument):
+    """With ``check_finite`` on, a call whose finite inputs pass gives the results it gives with the check
+    off; one whose argument holds an infinity and then a NaN raises ValueError naming the argument,
+    the infinity's index and value (and the op, unless the op's own validation reads that argument)."""
+    op = OPS[op_name]
+    inputs = case_inputs(Case(op_name, _spec(op_name).regimes[0], ZERO_SIZE_T))
+    tensors, state = leaves_of(inputs, torch.float32, "cpu")
+    unchecked = call(op, "auto", tensors, inputs.settings, state, output_final_state=True)
+    with check_finite():
+        checked = call(op, "auto", tensors, inputs.settings, state, output_final_state=True)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(state_items("r", unchecked), state_items("r", checked),
+                                                                strict=True))
+        target = {**tensors, **dict(state_items("initial_state", state))}[argument]
+        first = target.numel() // 3
+        with torch.no_grad():
+            target.view(-1)[first : first + 2] = torch.tensor([torch.inf, torch.nan])[: target.numel() - first]
+        index = [int(i) for i in torch.unravel_index(torch.tensor(first), target.shape)]
+        message = rf"^({op_name}: argument )?{re.escape(argument)} holds inf at {re.escape(str(index))}"
+        with pytest.raises(ValueError, match=message):
+            call(op, "auto", tensors, inputs.settings, state)
+
+
+# ---- 11. the dense-size limit ---------------------------------------------------------------------------
+
+DENSE_T = 130  # long enough that the dense intermediate is the largest tensor of the forward
+
+
+def dense_limit_params() -> list:
+    """The first regime of every distinct settings of the CPU backends that declare a dense intermediate."""
+    params = []
+    for op_name, backend, device in entries():
+        if device == "cpu" and OPS[op_name].backends[backend].materializes is not None:
+            by_settings = {}
+            for regime in taken_regimes(op_name, backend):
+                by_settings.setdefault(regime_settings(op_name, regime), regime)
+            params += [param(op_name, backend, device, r, id=r) for r in by_settings.values()]
+    return params
+
+
+def _largest_allocation(fn) -> int:
+    """The bytes of the largest single CPU allocation while ``fn()`` runs (the profiler's count)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    return max(event.cpu_memory_usage for event in profile.events())
+
+
+@pytest.mark.parametrize("op_name, backend, device, regime", dense_limit_params())
+def test_dense_limit_refuses_past_it_with_the_bytes_needed(op_name, backend, device, regime):
+    """Past the limit the call raises ValueError naming the op, the backend, what it would build for
+    which argument of which shape, the bytes and how to raise the limit; at the limit it runs, and
+    the bytes are those of the largest tensor its forward allocates."""
+    skip_unless_runnable(op_name, backend, device)
+    op = OPS[op_name]
+    inputs = case_inputs(Case(op_name, regime, DENSE_T))
+    tensors, state = leaves_of(inputs, torch.float32, device)
+    arguments = "|".join(map(re.escape, tensors))
+    with limit_dense_bytes(0), pytest.raises(ValueError) as refused:
+        call(op, backend, tensors, inputs.settings, state)
+    needed = int(re.search(r"([\d,]+) bytes", str(refused.value)).group(1).replace(",", ""))
+    assert re.match(rf"{op_name}: backend '{backend}' would build .* for ({arguments}) of shape \[[\d, ]+\].*: "
+                    rf"{needed:,} bytes .*linmix\.ops\.limit_dense_bytes\(n\) or the environment variable "
+                    r"LINMIX_MAX_DENSE_BYTES", str(refused.value)), refused.value
+    with limit_dense_bytes(needed - 1), pytest.raises(ValueError, match=f"{needed:,} bytes"):
+        call(op, backend, tensors, inputs.settings, state)
+    with limit_dense_bytes(needed), torch.no_grad():
+        assert _largest_allocation(lambda: call(op, backend, tensors, inputs.settings, state)) == needed

@@ -9,6 +9,8 @@ The state of the map is the inputs it still reads: for the Toeplitz form the las
 the next input takes).
 """
 
+import math
+
 import torch
 
 from linmix.ops._dispatch import Backend, Op, compute_dtype, dispatch, register_op
@@ -44,6 +46,12 @@ def state_length(kernel: torch.Tensor, form: str, positions: int) -> int:
     return kernel.shape[-1] - 1 if form == "toeplitz" else positions
 
 
+def _check_taps(kernel: torch.Tensor, form: str) -> None:
+    """Raise ValueError unless a Toeplitz kernel has at least one tap."""
+    if form == "toeplitz" and kernel.shape[-1] == 0:
+        raise ValueError(f"kernel must have at least one tap, got shape {shape_str(kernel)}")
+
+
 def _validate_kernel(x: torch.Tensor, kernel: torch.Tensor, form: str, positions: int) -> None:
     """Check the kernel against ``x`` (``[B, T, ...]`` or one position ``[B, ...]``) once the form is known.
 
@@ -61,8 +69,7 @@ def _validate_kernel(x: torch.Tensor, kernel: torch.Tensor, form: str, positions
             raise ValueError(f"x: sequence length T={positions} (past positions included) exceeds the kernel "
                              f"window W={W} of kernel {shape_str(kernel)}")
         return
-    if kernel.shape[-1] == 0:
-        raise ValueError(f"kernel must have at least one tap, got shape {shape_str(kernel)}")
+    _check_taps(kernel, form)
     heads_dim = x.dim() - 2  # the H axis of [B, T, H, D] or of one position [B, H, D]
     if kernel.dim() == 2 and (x.dim() not in (3, 4) or x.shape[heads_dim] != kernel.shape[0] or heads_dim < 1):
         raise ValueError(
@@ -81,9 +88,8 @@ def _validate(x, kernel, form, initial_state, cu_seqlens, backend) -> str:
     check_same_device(("x", x), ("kernel", kernel))
     check_choice("backend", backend, OP.backend_names())
     form = resolve_form(kernel, form)
+    _check_taps(kernel, form)
     B, T = x.shape[:2]
-    if T == 0:
-        raise ValueError(f"x has sequence length T=0 (shape {shape_str(x)}); need at least one position")
     sequences, layout = B, "[B, P, *x.shape[2:]]"
     if cu_seqlens is not None:
         check_cu_seqlens("cu_seqlens", cu_seqlens, ("x", x))
@@ -120,6 +126,17 @@ def causal_kernel(
     With ``initial_state`` the call continues a sequence: the state holds the inputs before ``x``
     (see the module docstring) and positions count from its length. fp16/bf16 inputs are computed
     in float32 and returned in their own dtype.
+
+    Zero sizes, alike on every backend: ``B``, ``T`` or a channel dimension of 0 gives an empty
+    ``y`` and a final state that is the initial state for ``T = 0`` (for none: ``L - 1`` zeros in
+    the Toeplitz form, no position in the dense one) and empty otherwise; gradients are zeros (the
+    initial state's is the final state's for ``T = 0``). A Toeplitz kernel without taps (``L = 0``)
+    is refused (ValueError), and so is ``T = 0`` with ``cu_seqlens``.
+
+    Size limit: the ``"matmul"`` backend builds a ``[T, T]`` matrix (``[H, T, T]`` in the Toeplitz
+    form, ``T`` counting the initial state's positions); a call whose matrix would take more than
+    ``linmix.ops.max_dense_bytes()`` (4 GiB unless raised with ``linmix.ops.limit_dense_bytes`` or
+    ``LINMIX_MAX_DENSE_BYTES``) is refused with a ValueError giving the bytes it needs.
 
     Args:
         x: input, ``[B, T, D]`` or ``[B, T, H, D]``.
@@ -198,6 +215,28 @@ def causal_kernel_step(
     return y.to(x.dtype), window[:, 1:]
 
 
+def _result_shapes(tensors: dict, settings: dict, initial_state: torch.Tensor | None,
+                   sequences: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``y`` shaped like ``x`` and the final state ``[N, P, *x.shape[2:]]`` (N = B, or the packed sequences)."""
+    x, kernel = tensors["x"], tensors["kernel"]
+    past = 0 if initial_state is None else initial_state.shape[1]
+    rows = state_length(kernel, settings["form"], past + x.shape[1])
+    return tuple(x.shape), (sequences, rows, *x.shape[2:])
+
+
+def _matmul_materializes(x: torch.Tensor, kernel: torch.Tensor, form: str, initial_state: torch.Tensor | None,
+                         output_final_state: bool) -> tuple[int, str]:
+    """The bytes and description of the matmul backend's largest tensor: its ``[N, N]`` (dense) or
+    ``[H, N, N]`` (Toeplitz) mixing matrix over the ``N`` positions of ``initial_state`` and ``x``."""
+    positions = x.shape[1] + (0 if initial_state is None else initial_state.shape[1])
+    heads = kernel.shape[0] if form == "toeplitz" and kernel.dim() == 2 else 1
+    shape = (positions, positions) if form == "dense" else (heads, positions, positions)
+    past = "" if initial_state is None else f" after the {initial_state.shape[1]} positions of initial_state"
+    what = (f"a {list(shape)} {str(x.dtype).removeprefix('torch.')} {form} mixing matrix for x of shape "
+            f"{shape_str(x)}{past}")
+    return math.prod(shape) * x.element_size(), what
+
+
 OP = register_op(Op(
     name="causal_kernel",
     module=__name__,
@@ -206,7 +245,8 @@ OP = register_op(Op(
         "naive": Backend(with_history({"dense": naive_dense, "toeplitz": naive_toeplitz}),
                          "token-by-token loop: the executable spec", max_T=2048, limit="token-by-token loop"),
         "matmul": Backend(with_history({"dense": matmul_dense, "toeplitz": matmul_toeplitz}),
-                          "one masked [T, T] matrix product", max_T=4096, limit="quadratic memory"),
+                          "one masked [T, T] matrix product", max_T=4096, limit="quadratic memory",
+                          materializes=_matmul_materializes),
         "conv": Backend(with_history({"toeplitz": conv_toeplitz}), "depthwise convolution, O(T L)",
                         takes={"form": ("toeplitz",)}),
         "triton": Backend(with_history({"toeplitz": triton_toeplitz}), "fused Triton kernel (CUDA)",
@@ -216,6 +256,7 @@ OP = register_op(Op(
     auto=("triton", "conv", "matmul"),
     per_token={"x": (3, 4)},
     step=causal_kernel_step,
+    result_shapes=_result_shapes,
 ))
 
 __all__ = ["OP", "causal_kernel", "causal_kernel_step", "resolve_form"]

@@ -32,7 +32,7 @@ def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs
     else:
         L = TAPS.get(regime, dims["L"])
         kernel = randn(generator, L) if "shared" in regime else randn(generator, H, L)
-        form, past = "toeplitz", L - 1
+        form, past = "toeplitz", max(L - 1, 0)  # L = 0 is refused by the op, not here
     return OpInputs({"x": x, "kernel": kernel}, {"form": form}, randn(generator, B, past, *channels))
 
 
@@ -47,7 +47,8 @@ def _bad_inputs() -> dict[str, BadInput]:
         "x_2d": BadInput(replaced(x=x(5, D)), ValueError,
                          r"x must be \[B, T, D\] or \[B, T, H, D\], got shape \[5, 5\]"),
         "x_5d": BadInput(replaced(x=x(B, 5, H, D, 1)), ValueError, r"x must be \[B, T, D\] or \[B, T, H, D\]"),
-        "T_zero": BadInput(replaced(x=x(B, 0, D)), ValueError, r"x has sequence length T=0"),
+        "T_zero_packed": BadInput(replaced(x=x(1, 0, D), initial_state=None, cu_seqlens=torch.tensor([0, 0])),
+                                  ValueError, r"cu_seqlens must be strictly increasing .*sequence 0 from 0 to 0"),
         "kernel_0d": BadInput(replaced(kernel=x(())), ValueError,
                               r"kernel must be \[W, W\] \(dense\), \[L\] or \[H, L\]"),
         "kernel_3d": BadInput(replaced(kernel=x(H, 4, 4)), ValueError, r"kernel must be .*got shape \[3, 4, 4\]"),

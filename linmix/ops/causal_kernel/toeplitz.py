@@ -27,6 +27,8 @@ def conv_toeplitz(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def matmul_toeplitz(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The same map through a materialised ``[H, T, T]`` Toeplitz matrix; ``O(T^2 D)``, a reference.
 
+    The matrix is the only ``T x T`` tensor built: sliding windows of the zero-padded filter.
+
     Args:
         x: input, ``[B, T, H, D]``.
         kernel: one filter per head, ``[H, L]``.
@@ -35,10 +37,7 @@ def matmul_toeplitz(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         ``y`` of shape ``[B, T, H, D]``.
     """
     T = x.shape[1]
-    L = kernel.shape[1]
-    pos = torch.arange(T, device=x.device)
-    lag = pos[:, None] - pos[None, :]  # [T, T]
-    in_range = (lag >= 0) & (lag < L)
-    taps = kernel[:, lag.clamp(0, L - 1)]  # [H, T, T]
-    mixing = taps.masked_fill(~in_range, 0.0)  # [H, T, T], mixing[h, t, s] = kernel[h, t - s]
+    taps = kernel[:, :T]  # [H, min(L, T)]: lags past T - 1 reach no output
+    by_lag = F.pad(taps, (T - 1, T - taps.shape[1]))  # [H, 2T - 1], by_lag[:, T - 1 + l] = kernel[:, l], 0 elsewhere
+    mixing = by_lag.unfold(-1, T, 1).flip(-1)  # [H, T, T], mixing[h, t, s] = by_lag[h, T - 1 + t - s]
     return torch.einsum("hts,bshd->bthd", mixing, x)

@@ -38,8 +38,9 @@ def _validate(q, k, v, log_gamma, scale, initial_state, cu_seqlens, backend, che
     check_shape("k", k, (B, T, H, K), "[B, T, H, K] like q")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V] like q, got {shape_str(v)}")
-    if T == 0:
-        raise ValueError(f"q has sequence length T=0 (shape {shape_str(q)}); need at least one position")
+    if K == 0:
+        raise ValueError(f"q must have at least one key channel, got K=0 (shape {shape_str(q)}): the state "
+                         "[B, H, K, V] would hold nothing and scale=None means K ** -0.5")
     check_same_dtype(("q", q), ("k", k), ("v", v))
     check_same_device(("q", q), ("k", k), ("v", v), ("log_gamma", log_gamma))
     if log_gamma.shape not in ((H, K), (B, T, H, K)):
@@ -87,6 +88,12 @@ def decayed_attention(
     With ``cu_seqlens`` (FlashAttention's and fla's convention) the batch holds ``N`` sequences
     packed along T with ``B = 1``; each runs as if alone, its state starting from its row of
     ``initial_state`` (zeros if None).
+
+    Zero sizes, alike on every backend: ``B``, ``T``, ``H`` or ``V`` of 0 gives an empty ``o`` and
+    a final state that is the initial state for ``T = 0`` (zeros if None) and empty otherwise;
+    gradients are zeros (the initial state's is the final state's for ``T = 0``). ``K = 0`` is
+    refused (ValueError), and so is ``T = 0`` with ``cu_seqlens`` (every packed sequence holds a
+    position).
 
     Args:
         q: queries, ``[B, T, H, K]``.
@@ -156,6 +163,8 @@ def decayed_attention_step(
     check_shape("k", k, (B, H, K), "[B, H, K] like q")
     check_shape("v", v, (B, H, V), "[B, H, V]")
     check_shape("state", state, (B, H, K, V), "[B, H, K, V]")
+    if K == 0:
+        raise ValueError(f"q must have at least one key channel, got K=0 (shape {shape_str(q)})")
     if log_gamma.shape not in ((H, K), (B, H, K)):
         raise ValueError(
             f"log_gamma must have shape [H, K] = [{H}, {K}] or [B, H, K] = [{B}, {H}, {K}], got {shape_str(log_gamma)}"
@@ -166,6 +175,13 @@ def decayed_attention_step(
     state = gamma[..., None] * state.to(dtype) + k.to(dtype)[..., None] * v.to(dtype)[..., None, :]  # [B, H, K, V]
     o = scale * torch.einsum("bhk,bhkv->bhv", q.to(dtype), state)  # [B, H, V]
     return o.to(v.dtype), state
+
+
+def _result_shapes(tensors: dict, settings: dict, initial_state: torch.Tensor | None,
+                   sequences: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``o [B, T, H, V]`` and the final state ``[N, H, K, V]`` (N = B, or the packed sequences)."""
+    q, v = tensors["q"], tensors["v"]
+    return tuple(v.shape), (sequences, *q.shape[2:], v.shape[3])
 
 
 OP = register_op(Op(
@@ -188,6 +204,7 @@ OP = register_op(Op(
     per_token={"q": (4,), "k": (4,), "v": (4,), "log_gamma": (4,)},
     float32_args=("log_gamma",),
     step=decayed_attention_step,
+    result_shapes=_result_shapes,
 ))
 
 __all__ = ["OP", "decayed_attention", "decayed_attention_step"]
