@@ -14,7 +14,7 @@ from linmix.train import read_metrics
 TINY = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32",
         "--batch-size", "8", "--max-steps", "12", "--warmup-steps", "2", "--eval-interval", "6",
         "--eval-batch-size", "256", "--eval-random-iters", "2"]
-TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "eval_s")
 
 
 @pytest.fixture(autouse=True)

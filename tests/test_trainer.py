@@ -1,20 +1,34 @@
 """Tests of linmix.train: schedule, config, evaluation protocols, checkpoints, the Trainer."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _crash_run import PoisonedLM
+from _crash_run import build_trainer as build_crash_run
 from _paths import SHARED_DATA_DIR
 from _toy_model import ToyCausalLM, ToyConfig, toy_param_groups
 
+import linmix.train.checkpoint as checkpoint_module
 from linmix.data import load_char_corpus
+from linmix.errors import CheckpointError, LinmixError
 from linmix.train import (
     MetricsLog,
+    NonFiniteTrainingError,
+    RunOutputError,
     TrainConfig,
     Trainer,
     atomic_write,
@@ -23,10 +37,11 @@ from linmix.train import (
     load_checkpoint,
     lr_multiplier,
     read_metrics,
+    step_if_finite,
     truncate_metrics,
 )
 
-TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s", "eval_s")
 RUN_FILES = ["best.pt", "last.pt", "metrics.jsonl", "summary.json"]
 VAL_SLICE = 16_384  # keeps the many evaluations of the resume tests cheap
 
@@ -55,6 +70,7 @@ def make_config(out_dir: Path, **overrides) -> TrainConfig:
         context_length=32,
         eval_interval=10,
         eval_random_iters=3,
+        eval_budget=None,  # the whole protocols: these tests check what they compute
         log_interval=5,
         out_dir=str(out_dir),
     )
@@ -154,6 +170,7 @@ def test_unknown_config_key_is_named():
         ("log_interval", 0),
         ("checkpoint_interval", 0),
         ("compile_mode", "fast"),
+        ("max_nonfinite_steps", 0),
     ],
 )
 def test_invalid_config_values_name_the_field(field, value):
@@ -379,6 +396,261 @@ def test_resume_refuses_a_changed_run(corpus, tmp_path):
         make_trainer(corpus, config)
     relaxed = dataclasses.replace(config, log_interval=3, checkpoint_interval=7)
     assert make_trainer(corpus, relaxed, resume=True).step == 5
+
+
+# ---- non-finite steps ---------------------------------------------------------------------------
+
+
+def poisoned_trainer(corpus, config, nan_loss_steps=(), inf_grad_steps=(), **kwargs) -> Trainer:
+    """A toy-model Trainer whose chosen steps get a NaN loss or infinite gradients."""
+    model = PoisonedLM(make_model(), nan_loss_steps, inf_grad_steps)
+    trainer = make_trainer(corpus, config, model=model, **kwargs)
+    model.follow(trainer)
+    return trainer
+
+
+def parameters_and_state(model, optimizer) -> list[torch.Tensor]:
+    """Clones of every parameter and every optimizer-state tensor."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for state in optimizer.state.values():
+        tensors += [t.clone() for t in state.values() if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_untouched(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=fused or None)
+
+    def step(loss_scale: float, nonfinite: list[bool]) -> None:
+        model.zero_grad()
+        (model(torch.randn(3, 8)).square().sum() * loss_scale).backward()
+        step_if_finite(optimizer, torch.tensor(nonfinite))
+
+    step(1.0, [False, False])
+    before = parameters_and_state(model, optimizer)
+    step(float("nan"), [True, True])
+    step(1.0, [False, True])
+    after = parameters_and_state(model, optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    step(1.0, [False, False])
+    assert not torch.equal(model.weight, before[0])
+
+
+def test_nonfinite_steps_are_skipped_logged_and_counted(corpus, tmp_path):
+    config = make_config(tmp_path, max_steps=20, log_interval=1)
+    trainer = poisoned_trainer(corpus, config, nan_loss_steps=[7], inf_grad_steps=[12])
+    weights = {}  # step -> parameters and optimizer state once its records are written
+
+    def snapshot(record):
+        weights.setdefault(record["step"], parameters_and_state(trainer.model, trainer.optimizer))
+
+    trainer.callbacks.append(snapshot)
+    summary = trainer.fit()
+
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r for r in records if r["kind"] == "skip"] == [
+        {"step": 7, "kind": "skip", "nonfinite": ["loss", "gradients"], "consecutive": 1},
+        {"step": 12, "kind": "skip", "nonfinite": ["gradients"], "consecutive": 1},
+    ]
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert sorted(train) == [step for step in range(1, 21) if step not in (7, 12)]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train.values())
+    assert train[8]["lr"] == pytest.approx(1e-2 * lr_multiplier(7, 5, 20, 0.1))  # schedule ran on
+    for skipped in (7, 12):
+        unchanged = zip(weights[skipped - 1], weights[skipped], strict=True)
+        assert all(torch.equal(a, b) for a, b in unchanged)
+    assert summary["finished"] and summary["skipped_steps"] == 2
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run_and_keep_last_pt(corpus, tmp_path):
+    config = make_config(tmp_path, checkpoint_interval=5, max_nonfinite_steps=4)
+    trainer = poisoned_trainer(corpus, config, nan_loss_steps=range(13, 31))
+    with pytest.raises(NonFiniteTrainingError) as caught:
+        trainer.fit()
+
+    message = str(caught.value)
+    assert message == (
+        "training stopped at step 16: 4 steps in a row (13-16) had a non-finite loss or gradients "
+        f"(max_nonfinite_steps 4); {tmp_path / 'last.pt'} keeps step 15"
+    )
+    assert isinstance(caught.value, LinmixError) and isinstance(caught.value, FloatingPointError)
+    skips = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "skip"]
+    assert [(r["step"], r["consecutive"]) for r in skips] == [(13, 1), (14, 2), (15, 3), (16, 4)]
+    last = load_checkpoint(tmp_path / "last.pt")  # checks that its weights are finite
+    assert last["step"] == 15 and last["progress"]["nonfinite_streak"] == 3
+    for name, tensor in trainer.model.state_dict().items():  # no update since step 12
+        assert torch.equal(last["model"][name], tensor)
+
+
+# ---- run folder and checkpoint failures ---------------------------------------------------------
+
+
+def file_in_the_way(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file" / "run"
+
+
+def write_permission_denied(tmp_path, monkeypatch) -> Path:
+    """Running as root, permissions stop nothing: the probe's refusal is simulated."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    return tmp_path / "run"
+
+
+def disk_almost_full(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=50_000))
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    "make_out_dir, message",
+    [
+        (file_in_the_way, "run cannot be created: Not a directory"),
+        (write_permission_denied, "run is not writable: Permission denied"),
+        (
+            disk_almost_full,
+            "run has 0.0 MiB of free disk space; best.pt and last.pt need about 0.1 MiB",
+        ),
+    ],
+    ids=["not creatable", "not writable", "disk full"],
+)
+def test_an_out_dir_that_cannot_take_the_run_is_refused_before_training(
+    corpus, tmp_path, monkeypatch, make_out_dir, message
+):
+    out_dir = make_out_dir(tmp_path, monkeypatch)
+    seen = []
+    trainer = make_trainer(corpus, make_config(out_dir), callbacks=[seen.append])
+    with pytest.raises(RunOutputError) as caught:
+        trainer.fit()
+    assert str(caught.value) == f"out_dir {out_dir} {message.removeprefix('run ')}"
+    assert isinstance(caught.value, LinmixError) and seen == []
+
+
+def test_a_checkpoint_write_that_fails_mid_run_keeps_the_previous_last_pt(
+    corpus, tmp_path, monkeypatch
+):
+    real_atomic_write = checkpoint_module.atomic_write
+
+    def disk_full_at_step_20(path, write):
+        def write_part_then_fail(f):
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        failing = Path(path).name == "last.pt" and trainer.step == 20
+        real_atomic_write(path, write_part_then_fail if failing else write)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write", disk_full_at_step_20)
+    trainer = make_trainer(corpus, make_config(tmp_path))
+    with pytest.raises(RunOutputError) as caught:
+        trainer.fit()
+    last = tmp_path / "last.pt"
+    assert str(caught.value) == (
+        f"cannot write {last} at step 20: No space left on device; {last} keeps step 10"
+    )
+    assert load_checkpoint(last)["step"] == 10
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_resuming_a_damaged_last_pt_is_refused_naming_it(corpus, tmp_path):
+    config = make_config(tmp_path)
+    make_trainer(corpus, config, stop_after=5).fit()
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"^checkpoint {re.escape(str(last))} is cut short"):
+        make_trainer(corpus, config, resume=True)
+
+
+def test_a_last_pt_of_format_1_resumes_exactly(corpus, tmp_path):
+    make_trainer(corpus, make_config(tmp_path / "full")).fit()
+    config = make_config(tmp_path / "old")
+    make_trainer(corpus, config, stop_after=17).fit()
+    last = tmp_path / "old" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    del checkpoint["config"]["max_nonfinite_steps"]
+    for key in ("nonfinite_streak", "skipped_steps"):
+        del checkpoint["progress"][key]
+    torch.save({**checkpoint, "format_version": 1}, last)  # as linmix wrote it before format 2
+
+    make_trainer(corpus, config, resume=True).fit()
+    assert without_timing(read_metrics(tmp_path / "old" / "metrics.jsonl")) == without_timing(
+        read_metrics(tmp_path / "full" / "metrics.jsonl")
+    )
+
+
+# ---- runs killed with SIGKILL -------------------------------------------------------------------
+
+CRASH_RUN = Path(__file__).with_name("_crash_run.py")
+KILLS = [  # (the moment the run SIGKILLs itself, the step last.pt holds afterwards)
+    ("eval:10", 5),  # during an evaluation
+    ("saved:best.pt:10", 5),  # between best.pt and last.pt: a second kill before last.pt moves on
+    ("writing:last.pt:15", 10),  # halfway through writing last.pt
+]
+UNCOMPARED = {*TIMING_FIELDS, "out_dir", "train_time_s", "wall_time_s"}
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """Nested dicts, lists and tuples as {"/key/0/...": leaf}."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}/{key}"))
+    return flat
+
+
+def assert_same_state(checkpoint: dict, expected: dict) -> None:
+    """Equal leaves, tensors bitwise, apart from paths and timings."""
+    flat, flat_expected = flatten(checkpoint), flatten(expected)
+    assert flat.keys() == flat_expected.keys()
+    for key, value in flat.items():
+        if not UNCOMPARED.isdisjoint(key.split("/")):
+            continue
+        expected_value = flat_expected[key]
+        if torch.is_tensor(value):
+            assert torch.equal(value, expected_value), key
+        else:
+            assert value == expected_value, key
+
+
+def run_crash_script(out_dir: Path, *moment: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CRASH_RUN), str(out_dir), *moment],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_runs_killed_at_any_moment_resume_to_the_uninterrupted_run(tmp_path):
+    """Real SIGKILLs, three in one run, two of them before last.pt moves on; the run's steps 4-6
+    and 12 are non-finite, so a streak of skips spans a checkpoint."""
+    build_crash_run(tmp_path / "whole").fit()
+    killed = tmp_path / "killed"
+    for moment, saved_step in KILLS:
+        child = run_crash_script(killed, moment)
+        assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+        assert load_checkpoint(killed / "last.pt")["step"] == saved_step
+        if moment.startswith("writing:"):
+            assert list(killed.glob(".last.pt.*.tmp"))  # the cut write's temporary file
+    child = run_crash_script(killed)
+    assert child.returncode == 0, child.stderr[-3000:]
+
+    whole = tmp_path / "whole"
+    records = read_metrics(killed / "metrics.jsonl")
+    assert without_timing(records) == without_timing(read_metrics(whole / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["kind"] == "skip"] == [4, 5, 6, 12]
+    for name in ("best.pt", "last.pt"):
+        assert_same_state(load_checkpoint(killed / name), load_checkpoint(whole / name))
+    assert sorted(os.listdir(killed)) == RUN_FILES
 
 
 # ---- GPU ------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def count_eval_windows(num_tokens: int, context_length: int) -> int:
 
 
 def iter_eval_windows(
-    tokens: torch.Tensor, context_length: int, batch_size: int
+    tokens: torch.Tensor, context_length: int, batch_size: int, windows: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Cut a stream into non-overlapping windows, in order, and batch them.
 
@@ -112,6 +112,8 @@ def iter_eval_windows(
         tokens: the token stream, `[N]` integer tensor.
         context_length: window length, W.
         batch_size: windows per batch (the last batch may hold fewer).
+        windows: read only this many of the windows, spread evenly over the stream (window
+            `floor(j * n / windows)` for j < windows); None reads all `n` of them.
 
     Yields:
         `(x, y)`, each `[b, W]` long with `b <= batch_size`.
@@ -121,5 +123,10 @@ def iter_eval_windows(
     covered = num_windows * context_length
     inputs = tokens[:covered].view(num_windows, context_length)  # [n, W]
     targets = tokens[1 : covered + 1].view(num_windows, context_length)  # [n, W]
-    for start in range(0, num_windows, batch_size):
+    if windows is not None:
+        if isinstance(windows, bool) or not isinstance(windows, int) or not 1 <= windows <= num_windows:
+            raise ValueError(f"windows must be an integer in [1, {num_windows}] or None, got {windows!r}")
+        chosen = torch.arange(windows) * num_windows // windows  # [windows], evenly spread
+        inputs, targets = inputs[chosen], targets[chosen]
+    for start in range(0, len(inputs), batch_size):
         yield inputs[start : start + batch_size], targets[start : start + batch_size]

@@ -131,12 +131,11 @@ def resolve_char_corpus_path(path: str | os.PathLike | None = None) -> Path:
     try:
         return download_file(TINY_SHAKESPEARE_URL, cached, TINY_SHAKESPEARE_SHA256)
     except OSError as error:
-        places = "\n".join(f"  - {place}" for place in searched)
+        places = "; ".join(str(place) for place in searched)
         raise FileNotFoundError(
-            f"Tiny Shakespeare input.txt was not found and could not be downloaded from "
-            f"{TINY_SHAKESPEARE_URL} ({error}).\nSearched:\n{places}\n"
-            f"Put the file at DIR/{_SUBDIR}/{_FILE_NAME} and pass --data DIR (or the file itself), "
-            f"or set {DATA_DIR_ENV}=DIR."
+            f"Tiny Shakespeare input.txt was not found (searched {places}) and could not be downloaded "
+            f"from {TINY_SHAKESPEARE_URL} ({error}); put the file at DIR/{_SUBDIR}/{_FILE_NAME} and pass "
+            f"--data DIR (or the file itself), or set {DATA_DIR_ENV}=DIR"
         ) from error
 
 

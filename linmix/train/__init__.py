@@ -4,6 +4,7 @@ from linmix.train.checkpoint import (
     atomic_write,
     capture_rng_states,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_states,
     save_checkpoint,
     seed_global_rngs,
@@ -12,11 +13,22 @@ from linmix.train.config import FIELDS_FREE_ON_RESUME, TrainConfig, run_changing
 from linmix.train.evaluate import autocast_for, evaluate_full, evaluate_random
 from linmix.train.metrics import MetricsLog, read_metrics, truncate_metrics, write_summary
 from linmix.train.schedule import lr_multiplier
-from linmix.train.trainer import Trainer, derive_seed, model_config_dict
+from linmix.train.trainer import (
+    NonFiniteTrainingError,
+    RunOutputError,
+    StepResult,
+    Trainer,
+    derive_seed,
+    model_config_dict,
+    step_if_finite,
+)
 
 __all__ = [
     "FIELDS_FREE_ON_RESUME",
     "MetricsLog",
+    "NonFiniteTrainingError",
+    "RunOutputError",
+    "StepResult",
     "TrainConfig",
     "Trainer",
     "atomic_write",
@@ -29,10 +41,12 @@ __all__ = [
     "lr_multiplier",
     "model_config_dict",
     "read_metrics",
+    "remove_stale_temporaries",
     "restore_rng_states",
     "run_changing_differences",
     "save_checkpoint",
     "seed_global_rngs",
+    "step_if_finite",
     "truncate_metrics",
     "write_summary",
 ]

@@ -15,10 +15,19 @@ EVAL_PROTOCOLS = ("full", "random")
 # the host's launch cost from models whose step is many small kernels.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# Fields that may change between a run and its resumption: where it runs and how often it reports.
-# Every other field changes the run itself, so a resume that changes one is refused.
+# Fields that may change between a run and its resumption: where it runs, how often it reports and
+# how long it tolerates non-finite steps. Every other field changes the run itself, so a resume that
+# changes one is refused.
 FIELDS_FREE_ON_RESUME = frozenset(
-    {"out_dir", "device", "compile", "compile_mode", "log_interval", "checkpoint_interval"}
+    {
+        "out_dir",
+        "device",
+        "compile",
+        "compile_mode",
+        "log_interval",
+        "checkpoint_interval",
+        "max_nonfinite_steps",
+    }
 )
 
 
@@ -46,6 +55,11 @@ class TrainConfig:
         eval_batch_size: windows per evaluation batch.
         eval_random_iters: batches of the "random" protocol.
         eval_seed: seed of the "random" protocol's windows, the same at every evaluation.
+        eval_budget: all evaluations of the run read at most this many times the windows the run
+            trains on (forward passes only); when the protocols would read more, each shrinks by
+            the same factor (see `linmix.train.evaluate.plan_evaluation`). The presets' full
+            recipes fit in 1.0 and are unchanged; a few-step run evaluates in seconds. None reads
+            the whole protocols whatever the run's length.
         seed: seed of the training batches and of the global RNGs (dropout).
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
         compile: run the model's forward through torch.compile.
@@ -53,6 +67,8 @@ class TrainConfig:
         out_dir: folder of metrics.jsonl, summary.json, best.pt and last.pt.
         log_interval: write a training record every this many steps.
         checkpoint_interval: write last.pt every this many steps; None means `eval_interval`.
+        max_nonfinite_steps: stop the run when this many steps in a row had a non-finite loss or
+            gradients (each such step's update is skipped); 1 stops at the first one.
     """
 
     lr: float = 1e-2
@@ -71,6 +87,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_random_iters: int = 200
     eval_seed: int = 1337
+    eval_budget: float | None = 1.0
     seed: int = 42
     device: str = "cpu"
     compile: bool = False
@@ -78,6 +95,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     log_interval: int = 10
     checkpoint_interval: int | None = None
+    max_nonfinite_steps: int = 8
 
     def __post_init__(self) -> None:
         # JSON and YAML give lists where the dataclass holds tuples.
@@ -170,6 +188,8 @@ class TrainConfig:
         _check_int("eval_batch_size", self.eval_batch_size, low=1)
         _check_int("eval_random_iters", self.eval_random_iters, low=1)
         _check_int("eval_seed", self.eval_seed, low=0)
+        if self.eval_budget is not None:
+            _check_number("eval_budget", self.eval_budget, low=0.0, low_inclusive=False)
         _check_int("seed", self.seed, low=0)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(
@@ -184,6 +204,7 @@ class TrainConfig:
         _check_int("log_interval", self.log_interval, low=1)
         if self.checkpoint_interval is not None:
             _check_int("checkpoint_interval", self.checkpoint_interval, low=1)
+        _check_int("max_nonfinite_steps", self.max_nonfinite_steps, low=1)
 
 
 def run_changing_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
@@ -195,12 +216,14 @@ def run_changing_differences(saved: dict[str, Any], current: TrainConfig) -> lis
 
     Returns:
         One "field: saved -> current" line per differing field outside FIELDS_FREE_ON_RESUME.
+        A field the saved config lacks (written by an older linmix) counts as its default.
     """
     now = current.to_dict()
+    then = {**TrainConfig.from_dict({}).to_dict(), **saved}
     return [
-        f"{name}: {saved.get(name)!r} -> {now[name]!r}"
+        f"{name}: {then[name]!r} -> {now[name]!r}"
         for name in now
-        if name not in FIELDS_FREE_ON_RESUME and saved.get(name) != now[name]
+        if name not in FIELDS_FREE_ON_RESUME and then[name] != now[name]
     ]
 
 

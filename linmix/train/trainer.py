@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,17 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 from linmix.data.batches import RandomWindowSampler
+from linmix.errors import CheckpointError, LinmixError
 from linmix.models.param_groups import param_groups
 from linmix.models.registry import current_config_dict
 from linmix.train.checkpoint import (
     capture_rng_states,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_states,
     save_checkpoint,
     seed_global_rngs,
 )
 from linmix.train.config import TrainConfig, run_changing_differences
-from linmix.train.evaluate import autocast_for, evaluate_full, evaluate_random
+from linmix.train.evaluate import autocast_for, evaluate_full, evaluate_random, plan_evaluation
 from linmix.train.metrics import MetricsLog, to_jsonable, truncate_metrics, write_summary
 from linmix.train.schedule import lr_multiplier
 
@@ -36,11 +41,62 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
-CHECKPOINT_FORMAT = 1
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE, SUMMARY_FILE)
 
 _PARAM_GROUP_KEYS = ("params", "weight_decay", "lr_scale", "name")
+_RESUME_KEYS = ("optimizer", "sampler", "rng", "progress", "model_config")
+_MIB = 2**20
 _SAMPLER_STREAM = 0
 _GLOBAL_RNG_STREAM = 1
+
+
+class NonFiniteTrainingError(LinmixError, FloatingPointError):
+    """Training stopped: `max_nonfinite_steps` steps in a row had a non-finite loss or gradients."""
+
+
+class RunOutputError(LinmixError, OSError):
+    """The run's folder cannot take its files: it cannot be created or written, its disk has too
+    little free space, or a write failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one training step leaves on the device; nothing is read back to the host.
+
+    Attributes:
+        loss: the training loss, a device scalar.
+        grad_norm: the global gradient norm before clipping, a device scalar.
+        lr: the step's learning rate, before each group's `lr_scale`.
+        nonfinite: `[2]` bool device tensor: whether the loss, and whether the gradients, held
+            NaN or inf; the update was skipped when either did.
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    nonfinite: torch.Tensor
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """Apply the optimizer's update unless `nonfinite` holds a True.
+
+    A skipped update leaves the parameters and the optimizer state (moments and step counts) as
+    they were. A fused optimizer (torch's fused AdamW, which the Trainer uses on CUDA) takes the
+    flag on the device as `found_inf`, as under a GradScaler, so the host does not wait for the
+    step; any other optimizer needs the flag on the host, a free read on the CPU.
+
+    Args:
+        optimizer: a torch optimizer whose parameters hold their gradients.
+        nonfinite: bool device tensor, any shape.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = nonfinite.any().float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not nonfinite.any():
+        optimizer.step()
 
 
 def derive_seed(seed: int, stream: int) -> int:
@@ -81,6 +137,14 @@ class Trainer:
     every `checkpoint_every` steps, at the last step and when `stop_after` ends the run. A
     last.pt written at step s means steps 1..s are done.
 
+    A step whose loss or gradients hold NaN or inf skips its update: the parameters and the
+    optimizer state stay as they were, while the step counter, the learning-rate schedule, the
+    batch sampler and the RNGs advance as on any step (so a resumed run skips the same steps). Such
+    a step writes a record `{"step", "kind": "skip", "nonfinite": ["loss", "gradients"],
+    "consecutive"}` in place of its training record. The flags stay on the device until the next
+    log, evaluation or checkpoint step, where they are read back together;
+    `config.max_nonfinite_steps` skips in a row then stop the run before last.pt is written again.
+
     Args:
         model: follows the linmix model interface: `model(idx, targets) -> (logits, loss)`,
             `model.config.context_length`, `model.config.vocab_size`, `model.num_parameters()`,
@@ -105,6 +169,7 @@ class Trainer:
 
     Raises:
         FileExistsError: `out_dir` holds a last.pt and `resume` is False.
+        CheckpointError: the last.pt to resume is damaged or cannot resume a run.
         ValueError: the config, model, tokens or parameter groups do not fit together, or the
             resumed checkpoint was made with a config that changes the run (the fields are named).
     """
@@ -131,6 +196,7 @@ class Trainer:
         self.context_length = self._resolve_context_length()
         self.train_tokens = self._check_tokens("train_tokens", train_tokens)
         self.val_tokens = self._check_tokens("val_tokens", val_tokens)
+        self.eval_plan = plan_evaluation(config, len(self.val_tokens), self.context_length)
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.callbacks = list(callbacks)
         self.stop_after = stop_after
@@ -149,6 +215,9 @@ class Trainer:
         self.forward_model = self._compiled_model() if config.compile else self.model
 
         self.step = 0
+        self.nonfinite_streak = 0  # steps in a row, up to the last checked one, that were skipped
+        self.skipped_steps = 0
+        self._unchecked: list[tuple[int, torch.Tensor]] = []  # (step, StepResult.nonfinite)
         self.best: dict[str, dict[str, float]] = {}  # protocol -> {"loss", "ppl", "step"}
         self.last_eval: dict[str, Any] | None = None
         self.train_time_s = 0.0
@@ -176,10 +245,17 @@ class Trainer:
             The summary also written to `out_dir/summary.json`: best validation loss/ppl per
             protocol and their steps, the final evaluation, parameter count, times, and training
             throughput over the whole run (`tokens_per_s_mean`, compilation included) and from
-            this call's first training record on (`tokens_per_s_steady`).
+            this call's first training record on (`tokens_per_s_steady`), and `skipped_steps`.
+
+        Raises:
+            RunOutputError: `out_dir` cannot be created or written or has too little free disk
+                space for two checkpoints (found before training starts), or a write failed
+                during the run (last.pt then still holds the step it held).
+            NonFiniteTrainingError: `config.max_nonfinite_steps` steps in a row had a non-finite
+                loss or gradients.
         """
         config = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_out_dir()
         metrics_path = self.out_dir / METRICS_FILE
         if self.resumed:
             truncate_metrics(metrics_path, self.step)
@@ -205,12 +281,15 @@ class Trainer:
                 dynamic_ncols=True,
             ) as bar,
         ):
+            if self.progress:
+                bar.write(self.eval_plan.describe())
             if not self.resumed:
                 self._evaluate(log, bar)
             clock_start = time.perf_counter()
             while self.step < last_step:
-                loss, grad_norm, lr = self.train_step()
+                result = self.train_step()
                 self.step += 1
+                self._unchecked.append((self.step, result.nonfinite))
                 bar.update(1)
                 log_now = self.step % config.log_interval == 0 or self.step == config.max_steps
                 eval_now = self.step % config.eval_interval == 0 or self.step == config.max_steps
@@ -218,8 +297,9 @@ class Trainer:
                 if log_now or eval_now or save_now:
                     self._synchronize()
                     self.train_time_s += time.perf_counter() - clock_start
+                    self._report_skips(log, bar)
                     if log_now:
-                        self._log_train(log, bar, loss, grad_norm, lr)
+                        self._log_train(log, bar, result)
                     if eval_now:
                         self._evaluate(log, bar)
                     if save_now:
@@ -227,21 +307,27 @@ class Trainer:
                     clock_start = time.perf_counter()
             self._synchronize()
             self.train_time_s += time.perf_counter() - clock_start
+            self._report_skips(log, bar)
             if self._last_saved_step != self.step:
                 self._save_last()
         summary = self._summary()
-        write_summary(self.out_dir / SUMMARY_FILE, summary)
+        try:
+            write_summary(self.out_dir / SUMMARY_FILE, summary)
+        except OSError as error:
+            raise self._write_error(self.out_dir / SUMMARY_FILE, error) from error
         return summary
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer update on a fresh batch at the current step's learning rate.
+    def train_step(self) -> StepResult:
+        """One optimizer update on a fresh batch at the current step's learning rate, skipped
+        when the loss or the gradients are not finite (see `step_if_finite`).
 
         `fit` calls it and then advances `step`, logs, evaluates and saves; called alone (as
         `linmix bench train --profile-steps` does) it only updates the model, the optimizer and the
-        sampler. Nothing is read back from the device.
+        sampler. Nothing is read back from the device (except the skip flag on non-fused
+        optimizers, off CUDA).
 
         Returns:
-            (loss, gradient norm before clipping, learning rate); the first two are device scalars.
+            The loss, gradient norm, learning rate and non-finite flags of the step.
         """
         x, y = self.sampler.sample()  # [B, T], on the training device
         lr = self.config.lr * lr_multiplier(
@@ -260,16 +346,60 @@ class Trainer:
             raise ValueError("the model returned no loss although targets were given")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        loss = loss.detach()
+        nonfinite = ~torch.isfinite(torch.stack([loss.float(), grad_norm.float()]))  # [2]
+        step_if_finite(self.optimizer, nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm, lr
+        return StepResult(loss, grad_norm, lr, nonfinite)
 
-    def _log_train(
-        self, log: MetricsLog, bar: tqdm, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float
-    ) -> None:
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {self.step}")
+    def _report_skips(self, log: MetricsLog, bar: tqdm) -> None:
+        """Write a skip record for each step since the last call whose update was skipped.
+
+        The steps' flags come back from the device in one transfer.
+
+        Raises:
+            NonFiniteTrainingError: `config.max_nonfinite_steps` skips in a row.
+        """
+        if not self._unchecked:
+            return
+        steps = [step for step, _ in self._unchecked]
+        flags = torch.stack([flag for _, flag in self._unchecked]).tolist()  # [n, 2]
+        self._unchecked.clear()
+        for step, (loss_nonfinite, grads_nonfinite) in zip(steps, flags, strict=True):
+            if not (loss_nonfinite or grads_nonfinite):
+                self.nonfinite_streak = 0
+                continue
+            self.nonfinite_streak += 1
+            self.skipped_steps += 1
+            nonfinite = [
+                name
+                for name, flag in (("loss", loss_nonfinite), ("gradients", grads_nonfinite))
+                if flag
+            ]
+            record = {
+                "step": step,
+                "kind": "skip",
+                "nonfinite": nonfinite,
+                "consecutive": self.nonfinite_streak,
+            }
+            self._emit(log, record)
+            if self.progress:
+                bar.write(
+                    f"step {step}: non-finite {' and '.join(nonfinite)}, update skipped "
+                    f"({self.nonfinite_streak} in a row)"
+                )
+            if self.nonfinite_streak >= self.config.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"training stopped at step {step}: {self.nonfinite_streak} steps in a row "
+                    f"({step - self.nonfinite_streak + 1}-{step}) had a non-finite loss or "
+                    f"gradients (max_nonfinite_steps {self.config.max_nonfinite_steps}); "
+                    f"{self._last_checkpoint_state()}"
+                )
+
+    def _log_train(self, log: MetricsLog, bar: tqdm, result: StepResult) -> None:
+        loss_value, grad_norm_value = result.loss.item(), result.grad_norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+            return  # the step's update was skipped; its skip record stands for it
         tokens_per_s = self._tokens_per_s_since(*self._last_log)
         self._last_log = (self.step, self.train_time_s)
         if self._first_log is None:
@@ -278,8 +408,8 @@ class Trainer:
             "step": self.step,
             "kind": "train",
             "loss": loss_value,
-            "lr": lr,
-            "grad_norm": grad_norm.item(),
+            "lr": result.lr,
+            "grad_norm": grad_norm_value,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": self._elapsed_s(),
         }
@@ -287,28 +417,30 @@ class Trainer:
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
 
     def _evaluate(self, log: MetricsLog, bar: tqdm) -> None:
-        config = self.config
+        config, plan = self.config, self.eval_plan
         record: dict[str, Any] = {"step": self.step, "kind": "eval"}
         results = {}
-        if "full" in config.eval_protocols:
-            results["full"] = evaluate_full(
-                self.forward_model,
-                self.val_tokens,
-                self.context_length,
-                config.eval_batch_size,
-                self.device,
-            )
-            record["val_tokens_full"] = results["full"]["tokens"]
-        if "random" in config.eval_protocols:
-            results["random"] = evaluate_random(
-                self.forward_model,
-                self.val_tokens,
-                self.context_length,
-                config.eval_batch_size,
-                config.eval_random_iters,
-                torch.Generator().manual_seed(config.eval_seed),
-                self.device,
-            )
+        for protocol in config.eval_protocols:
+            started = time.perf_counter()
+
+            def show(done: int, total: int, protocol: str = protocol) -> None:
+                bar.set_description_str(f"eval {protocol} {done}/{total}", refresh=True)
+
+            if protocol == "full":
+                results[protocol] = evaluate_full(
+                    self.forward_model, self.val_tokens, self.context_length, config.eval_batch_size,
+                    self.device, windows=plan.full_windows, on_batch=show,
+                )
+                record["val_tokens_full"] = results[protocol]["tokens"]
+            else:
+                results[protocol] = evaluate_random(
+                    self.forward_model, self.val_tokens, self.context_length, plan.random_batch_size,
+                    plan.random_batches, torch.Generator().manual_seed(config.eval_seed), self.device,
+                    on_batch=show,
+                )
+            record[f"val_windows_{protocol}"] = plan.windows(protocol)
+            record.setdefault("eval_s", {})[protocol] = time.perf_counter() - started
+        bar.set_description_str("", refresh=False)
         for protocol, result in results.items():
             record[f"val_loss_{protocol}"] = result["loss"]
             record[f"val_ppl_{protocol}"] = result["ppl"]
@@ -345,10 +477,10 @@ class Trainer:
         return diagnostics
 
     def _save_best(self, result: dict[str, float]) -> None:
-        save_checkpoint(
+        self._write_checkpoint(
+            BEST_CHECKPOINT,
             {
                 "kind": "best",
-                "format_version": CHECKPOINT_FORMAT,
                 "model": self.model.state_dict(),
                 "step": self.step,
                 "metric": {
@@ -360,15 +492,14 @@ class Trainer:
                 "model_config": model_config_dict(self.model),
                 "meta": self.checkpoint_meta,
             },
-            self.out_dir / BEST_CHECKPOINT,
         )
 
     def _save_last(self) -> None:
         self.wall_time_s = self._elapsed_s()
-        save_checkpoint(
+        self._write_checkpoint(
+            LAST_CHECKPOINT,
             {
                 "kind": "last",
-                "format_version": CHECKPOINT_FORMAT,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
@@ -379,17 +510,43 @@ class Trainer:
                     "last_eval": self.last_eval,
                     "train_time_s": self.train_time_s,
                     "wall_time_s": self.wall_time_s,
+                    "nonfinite_streak": self.nonfinite_streak,
+                    "skipped_steps": self.skipped_steps,
                 },
                 "config": self.config.to_dict(),
                 "model_config": model_config_dict(self.model),
                 "meta": self.checkpoint_meta,
             },
-            self.out_dir / LAST_CHECKPOINT,
         )
         self._last_saved_step = self.step
 
+    def _write_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
+        """Write best.pt or last.pt; a failed write leaves the previous file as it was."""
+        path = self.out_dir / name
+        try:
+            save_checkpoint(checkpoint, path)
+        except OSError as error:
+            raise self._write_error(path, error) from error
+
+    def _write_error(self, path: Path, error: OSError) -> RunOutputError:
+        return RunOutputError(
+            f"cannot write {path} at step {self.step}: {error.strerror or error}; "
+            f"{self._last_checkpoint_state()}"
+        )
+
+    def _last_checkpoint_state(self) -> str:
+        """Which step last.pt holds, for error messages."""
+        if self._last_saved_step is None:
+            return "no last.pt was written yet"
+        return f"{self.out_dir / LAST_CHECKPOINT} keeps step {self._last_saved_step}"
+
     def _load_last(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
+        missing = [key for key in _RESUME_KEYS if key not in checkpoint]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} cannot resume a run: it lacks {', '.join(missing)}"
+            )
         differences = run_changing_differences(checkpoint["config"], self.config)
         current_model_config = model_config_dict(self.model)
         saved_model_config = checkpoint["model_config"]
@@ -415,6 +572,8 @@ class Trainer:
         self.last_eval = progress["last_eval"]
         self.train_time_s = progress["train_time_s"]
         self.wall_time_s = progress["wall_time_s"]
+        self.nonfinite_streak = progress.get("nonfinite_streak", 0)  # absent before format 2
+        self.skipped_steps = progress.get("skipped_steps", 0)
         self._saved_rng = checkpoint["rng"]
         self._last_saved_step = self.step
         self.resumed = True
@@ -439,6 +598,7 @@ class Trainer:
             "final_eval_step": self.last_eval["step"],
             **final,
             "tokens_seen": self.step * self.tokens_per_step,
+            "skipped_steps": self.skipped_steps,
             "tokens_per_s_mean": self._tokens_per_s_since(0, 0.0),
             "tokens_per_s_steady": (
                 self._tokens_per_s_since(*self._first_log) if self._first_log else None
@@ -454,12 +614,52 @@ class Trainer:
         return (self.step - step) * self.tokens_per_step / seconds if seconds > 0 else None
 
     def _emit(self, log: MetricsLog, record: dict[str, Any]) -> None:
-        log.write(record)
+        try:
+            log.write(record)
+        except OSError as error:
+            raise self._write_error(log.path, error) from error
         for callback in self.callbacks:
             callback(record)
 
     def _elapsed_s(self) -> float:
         return self._wall_offset + time.perf_counter() - self._session_start
+
+    def _prepare_out_dir(self) -> None:
+        """Create `out_dir`, check that it takes files and has room for best.pt and last.pt, and
+        remove the temporary files of writes cut short by a killed process."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunOutputError(
+                f"out_dir {self.out_dir} cannot be created: {error.strerror or error}"
+            ) from error
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.out_dir, prefix=".write-probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as error:
+            raise RunOutputError(
+                f"out_dir {self.out_dir} is not writable: {error.strerror or error}"
+            ) from error
+        remove_stale_temporaries(self.out_dir, RUN_FILES)
+        free = shutil.disk_usage(self.out_dir).free
+        needed = self._checkpoint_bytes()
+        if free < needed:
+            raise RunOutputError(
+                f"out_dir {self.out_dir} has {free / _MIB:.1f} MiB of free disk space; best.pt "
+                f"and last.pt need about {needed / _MIB:.1f} MiB"
+            )
+
+    def _checkpoint_bytes(self) -> int:
+        """Estimated size of best.pt plus last.pt: the model's state twice, and AdamW's two
+        moments of each optimized parameter."""
+        model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        parameter_bytes = sum(
+            p.numel() * p.element_size()
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+        )
+        return 2 * model_bytes + 2 * parameter_bytes
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
