@@ -1,7 +1,9 @@
-"""The `linmix` command: train, eval, sample and presets.
+"""The `linmix` command: train, eval, sample, sweep, plot, bench and presets.
 
-Run `linmix COMMAND --help` for the flags of each command. Usage errors (an unknown preset, a bad
-flag or value) print a message and exit with code 2.
+Run `linmix COMMAND --help` for the flags of each command. A user error (an unknown name, a value
+out of range, a missing or damaged file) prints one line, `linmix COMMAND: error: ...`, and exits
+with code 2; an operating-system failure (disk full, say) prints one line and exits with code 1.
+The parser imports no torch, so `--help` answers at once; each command imports what it needs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,65 @@ from pathlib import Path
 
 import yaml
 
+from linmix.errors import LinmixError, UsageError
+
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+FROM_PRESET = "default: from the preset, see `linmix presets`"
 
 
-class UsageError(Exception):
-    """A problem with the command line; reported with exit code 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (`PROG: error: ...`) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float_at_least(low: float):
+    """An argparse type: a finite number >= low."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _check_device(text: str, flag: str = "--device") -> str:
+    """A torch device string that names a device this machine has; UsageError otherwise."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {text}: torch sees no CUDA device on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"{flag} must be cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -50,25 +106,42 @@ def _load_corpus(preset, data_path: str | None):
             f"preset {preset.name!r} trains on {preset.corpus!r}, which `linmix train` cannot load in this "
             "version (only the Tiny Shakespeare character corpus is supported)"
         )
-    return load_char_corpus(data_path)
+    return _load_char_corpus(data_path)
+
+
+def _load_char_corpus(data_path: str | None):
+    """Tiny Shakespeare from --data (or the search path); a missing file is a UsageError."""
+    from linmix.data import load_char_corpus
+
+    try:
+        return load_char_corpus(data_path)
+    except FileNotFoundError as error:
+        raise UsageError(f"--data: {error}") from None
 
 
 def cmd_presets(args) -> int:
-    """Print every preset with its parameter count."""
+    """Print every preset with its parameter count and training recipe."""
     from linmix.models import PRESETS, build
+    from linmix.train import TrainConfig
 
     rows = []
     for preset in PRESETS.values():
         model = build(preset.name)
+        recipe = TrainConfig.from_dict(preset.train)
         rows.append({"name": preset.name, "params": model.num_parameters(), "corpus": preset.corpus,
-                     "description": preset.description})
+                     "context_length": model.config.context_length, "max_steps": recipe.max_steps,
+                     "batch_size": recipe.batch_size, "lr": recipe.lr, "eval_interval": recipe.eval_interval,
+                     "eval_protocols": list(recipe.eval_protocols), "description": preset.description})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'preset':<{width}}  {'params':>11}  description")
+    print(f"{'preset':<{width}}  {'params':>11}  {'T':>5}  {'steps':>6}  {'batch':>5}  {'lr':>7}  "
+          f"{'eval every':>10}  {'protocols':<11}  description")
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['params']:>11,}  {r['description']}")
+        print(f"{r['name']:<{width}}  {r['params']:>11,}  {r['context_length']:>5}  {r['max_steps']:>6}  "
+              f"{r['batch_size']:>5}  {r['lr']:>7.2g}  {r['eval_interval']:>10}  "
+              f"{','.join(r['eval_protocols']):<11}  {r['description']}")
     return 0
 
 
@@ -77,6 +150,16 @@ def _compile_fields(args) -> dict:
     where --compile-mode names one (else the preset's recipe decides)."""
     fields = dict(compile=args.compile or args.compile_mode is not None)
     return fields if args.compile_mode is None else dict(fields, compile_mode=args.compile_mode)
+
+
+def _eval_budget(text: str) -> float | None:
+    """--eval-budget: a positive number, or none for no budget."""
+    if text.lower() in ("none", "null"):
+        return None
+    value = _float_at_least(0.0)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
+    return value
 
 
 def _train_config(args, preset, out_dir: Path):
@@ -89,10 +172,13 @@ def _train_config(args, preset, out_dir: Path):
         "eval_batch_size": args.eval_batch_size, "eval_random_iters": args.eval_random_iters,
         "context_length": args.context_length, "seed": args.seed, "device": args.device,
         "log_interval": args.log_interval, "eval_protocols": args.eval_protocols,
+        "max_nonfinite_steps": args.max_nonfinite_steps,
     }
     values.update({k: v for k, v in flag_fields.items() if v is not None})
+    if hasattr(args, "eval_budget"):  # given on the command line (the flag's default is the preset's)
+        values["eval_budget"] = args.eval_budget
     if args.max_steps is not None and args.warmup_steps is None:
-        values["warmup_steps"] = min(values["warmup_steps"], args.max_steps)
+        values["warmup_steps"] = min(values.get("warmup_steps", TrainConfig.warmup_steps), args.max_steps)
     values.update(**_compile_fields(args), out_dir=str(out_dir))
     return TrainConfig.from_dict(values)
 
@@ -107,25 +193,28 @@ def cmd_train(args) -> int:
     try:
         preset = get_preset(args.preset)
     except KeyError as error:
-        raise UsageError(error.args[0]) from error
+        raise UsageError(error.args[0]) from None
+    if args.device is not None:
+        _check_device(args.device)
     try:
         preset = with_overrides(preset, **_parse_overrides(args.set))
         out_dir = Path(args.out or f"runs/{preset.name}-seed{args.seed or preset.train.get('seed', 42)}")
         config = _train_config(args, preset, out_dir)
     except ValueError as error:
-        raise UsageError(str(error)) from error
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError(str(error)) from None
     corpus = _load_corpus(preset, args.data)
     torch.manual_seed(config.seed)
-    model = preset.build_model(vocab_size=corpus.vocab_size)
+    try:
+        model = preset.build_model(vocab_size=corpus.vocab_size)
+    except ValueError as error:
+        raise UsageError(f"--set: {error}") from None
     meta = {"preset": preset.name, "model": model_spec(model), "vocab": corpus.vocab}
     print(f"preset {preset.name}: {model.num_parameters():,} parameters, device {config.device}, out {out_dir}")
     try:
         trainer = Trainer(model, corpus.train, corpus.val, config, checkpoint_meta=meta, resume=args.resume,
                           stop_after=args.stop_after, progress=not args.no_progress)
     except (FileExistsError, ValueError) as error:
-        raise UsageError(str(error)) from error
+        raise UsageError(str(error)) from None
     summary = trainer.fit()
     protocols = ", ".join(
         f"{name}: {best['ppl']:.4f} (step {best['step']})" for name, best in summary["best"].items()
@@ -137,41 +226,72 @@ def cmd_train(args) -> int:
 
 
 def _load_model(ckpt_path: str, device: str):
+    """The model of a checkpoint written by `linmix train`, on `device` in eval mode, with the
+    checkpoint and its meta; a missing, damaged or foreign file is a one-line error."""
     from linmix.models import build_from_spec
     from linmix.train import load_checkpoint
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise UsageError(f"--ckpt {path} does not exist")
-    checkpoint = load_checkpoint(path, map_location="cpu")
+    checkpoint = load_checkpoint(path, map_location="cpu")  # CheckpointError names the file and the fault
     meta = checkpoint.get("meta", {})
-    if "model" not in meta:
-        raise UsageError(f"{path} was not written by `linmix train` (no model description in its meta)")
-    model = build_from_spec(meta["model"])
-    model.load_state_dict(checkpoint["model"])
+    if "model" not in meta or "vocab" not in meta:
+        raise UsageError(f"--ckpt {path} was not written by `linmix train` (no model description in its meta)")
+    try:
+        model = build_from_spec(meta["model"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise UsageError(f"--ckpt {path}: its weights do not fit its model description ({error})") from None
     return model.to(device).eval(), checkpoint, meta
 
 
-def cmd_eval(args) -> int:
-    """Evaluate a checkpoint on the validation split under both protocols."""
-    import torch
+def _eval_settings(args, checkpoint) -> dict:
+    """The evaluation flags, each defaulting to the run's own setting (else TrainConfig's default)."""
+    from linmix.train import TrainConfig
+    from linmix.train.config import EVAL_PROTOCOLS
 
-    from linmix.data import load_char_corpus
+    run = {**TrainConfig.from_dict({}).to_dict(), **checkpoint.get("config", {})}
+    settings = {"protocols": args.protocols or run["eval_protocols"],
+                "batch_size": args.batch_size or run["eval_batch_size"],
+                "random_iters": args.random_iters or run["eval_random_iters"],
+                "seed": run["eval_seed"] if args.seed is None else args.seed}
+    unknown = [p for p in settings["protocols"] if p not in EVAL_PROTOCOLS]
+    if unknown or not settings["protocols"]:
+        raise UsageError(f"--protocols must be a comma list of {', '.join(EVAL_PROTOCOLS)}, got {unknown or 'none'}")
+    return settings
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a checkpoint on the validation split; print JSON."""
+    import torch
+    from tqdm import tqdm
+
+    from linmix.data import count_eval_windows
     from linmix.train import evaluate_full, evaluate_random
 
+    _check_device(args.device)
     model, checkpoint, meta = _load_model(args.ckpt, args.device)
-    corpus = load_char_corpus(args.data)
+    settings = _eval_settings(args, checkpoint)
+    corpus = _load_char_corpus(args.data)
     if corpus.vocab != meta.get("vocab"):
         raise UsageError(f"the corpus at {corpus.source} has another vocabulary than the checkpoint")
-    window = int(model.config.context_length)
+    window, batch = int(model.config.context_length), settings["batch_size"]
+    batches = {"full": -(-count_eval_windows(len(corpus.val), window) // batch), "random": settings["random_iters"]}
+    cost = ", ".join(f"{p} {batches[p]:,} batches of up to {batch} x {window} tokens" for p in settings["protocols"])
+    print(f"evaluating {args.ckpt} (step {checkpoint.get('step')}): {cost}", file=sys.stderr)
     results = {"ckpt": str(args.ckpt), "step": checkpoint.get("step"), "params": model.num_parameters()}
-    if "full" in args.protocols:
-        full = evaluate_full(model, corpus.val, window, args.batch_size)
-        results.update(val_loss_full=full["loss"], val_ppl_full=full["ppl"], tokens_full=full["tokens"])
-    if "random" in args.protocols:
-        generator = torch.Generator().manual_seed(args.seed)
-        rand = evaluate_random(model, corpus.val, window, args.batch_size, args.random_iters, generator)
-        results.update(val_loss_random=rand["loss"], val_ppl_random=rand["ppl"])
+    for protocol in settings["protocols"]:
+        with tqdm(total=batches[protocol], desc=f"eval {protocol}", unit="batch", disable=args.no_progress) as bar:
+            def advance(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+
+            if protocol == "full":
+                full = evaluate_full(model, corpus.val, window, batch, on_batch=advance)
+                results.update(val_loss_full=full["loss"], val_ppl_full=full["ppl"], tokens_full=full["tokens"])
+            else:
+                generator = torch.Generator().manual_seed(settings["seed"])
+                rand = evaluate_random(model, corpus.val, window, batch, settings["random_iters"], generator,
+                                       on_batch=advance)
+                results.update(val_loss_random=rand["loss"], val_ppl_random=rand["ppl"])
     print(json.dumps(results, indent=2))
     return 0
 
@@ -182,6 +302,7 @@ def cmd_sample(args) -> int:
 
     from linmix.models import generate
 
+    _check_device(args.device)
     model, _, meta = _load_model(args.ckpt, args.device)
     vocab = meta["vocab"]
     index = {char: i for i, char in enumerate(vocab)}
@@ -240,7 +361,8 @@ def cmd_plot(args) -> int:
         reference = load_group(args.reference) if args.reference else None
     except FileNotFoundError as error:
         raise UsageError(str(error)) from error
-    for path in write_figures(groups, args.out, reference):
+    out = args.out or Path(args.runs[0]) / "figures"
+    for path in write_figures(groups, out, reference):
         print(path)
     return 0
 
@@ -336,77 +458,117 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
-def _add_compile_flags(parser: argparse.ArgumentParser) -> None:
+def _add_compile_flags(parser: argparse.ArgumentParser, default: str) -> None:
     """--compile and --compile-mode, read back by `_compile_fields`."""
-    from linmix.train.config import COMPILE_MODES
+    parser.add_argument("--compile", action="store_true", help=f"train through torch.compile ({default})")
+    parser.add_argument("--compile-mode", metavar="MODE",
+                        help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune or "
+                             f"max-autotune-no-cudagraphs; implies --compile ({default})")
 
-    parser.add_argument("--compile", action="store_true", help="train through torch.compile")
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
-                        help="torch.compile mode, implies --compile (reduce-overhead: CUDA graphs)")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `linmix` command."""
-    parser = argparse.ArgumentParser(prog="linmix", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    presets = sub.add_parser("presets", help="list presets with their parameter counts")
-    presets.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    presets.set_defaults(run=cmd_presets)
-
-    train = sub.add_parser("train", help="train a preset")
-    train.add_argument("--preset", required=True, help="preset name (see `linmix presets`)")
-    train.add_argument("--out", help="run folder (default runs/PRESET-seedS)")
-    train.add_argument("--data", help="corpus file or folder (else $LINMIX_DATA_DIR, else the download cache)")
-    train.add_argument("--device", help="cpu or cuda[:N]")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--context-length", type=int, help="training window T (default: the model's)")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--lr-floor", type=float)
-    train.add_argument("--warmup-steps", type=int)
-    train.add_argument("--eval-interval", type=int)
-    train.add_argument("--eval-batch-size", type=int)
-    train.add_argument("--eval-random-iters", type=int)
-    train.add_argument("--eval-protocols", type=_csv(str), help="comma list of full,random")
-    train.add_argument("--log-interval", type=int)
-    _add_compile_flags(train)
+def _add_train_parser(sub) -> argparse.ArgumentParser:
+    train = sub.add_parser(
+        "train", help="train a preset",
+        description="Train a preset on its corpus. Every flag left out takes the preset's recipe (see "
+                    "`linmix presets`). Evaluations run at step 0, every --eval-interval steps and at the end; "
+                    "the full protocol reads every non-overlapping validation window (111,360 tokens of Tiny "
+                    "Shakespeare at T = 256), the random one --eval-random-iters batches of --eval-batch-size "
+                    "windows (200 x 64 x 256 = 3.3M tokens, 29 times the full one). All evaluations of a run "
+                    "read at most --eval-budget times the tokens it trains on, so a few-step run evaluates in "
+                    "seconds; the first line of the log says what each evaluation reads.",
+    )
+    train.add_argument("--preset", required=True, help="preset name (see `linmix presets`; required)")
+    train.add_argument("--out", help="run folder (default: runs/PRESET-seedS)")
+    train.add_argument("--data", metavar="PATH",
+                       help="corpus file or folder (default: $LINMIX_DATA_DIR, else the download cache)")
+    train.add_argument("--device", help=f"cpu, cuda or cuda:N ({FROM_PRESET}: cpu)")
+    train.add_argument("--seed", type=_int_at_least(0), help=f"seed of the batches and the weights ({FROM_PRESET})")
+    train.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps in the whole run ({FROM_PRESET})")
+    train.add_argument("--batch-size", type=_int_at_least(1), help=f"windows per step ({FROM_PRESET})")
+    train.add_argument("--context-length", type=_int_at_least(1), metavar="T",
+                       help="training window T (default: the model's context length)")
+    train.add_argument("--lr", type=_float_at_least(0.0), help=f"peak learning rate ({FROM_PRESET})")
+    train.add_argument("--lr-floor", type=_float_at_least(0.0),
+                       help=f"learning rate at the last step, the end of the cosine ({FROM_PRESET})")
+    train.add_argument("--warmup-steps", type=_int_at_least(0),
+                       help=f"steps of linear warmup ({FROM_PRESET}, cut to --max-steps)")
+    train.add_argument("--eval-interval", type=_int_at_least(1), help=f"steps between evaluations ({FROM_PRESET})")
+    train.add_argument("--eval-batch-size", type=_int_at_least(1), help=f"windows per evaluation batch ({FROM_PRESET})")
+    train.add_argument("--eval-random-iters", type=_int_at_least(1),
+                       help=f"batches of the random protocol ({FROM_PRESET})")
+    train.add_argument("--eval-protocols", type=_csv(str), metavar="LIST",
+                       help=f"comma list of full,random ({FROM_PRESET})")
+    train.add_argument("--eval-budget", type=_eval_budget, default=argparse.SUPPRESS, metavar="X",
+                       help="all evaluations read at most X times the tokens the run trains on, or none for the "
+                            f"whole protocols at every evaluation ({FROM_PRESET}: 1.0)")
+    train.add_argument("--log-interval", type=_int_at_least(1), help=f"steps between training records ({FROM_PRESET})")
+    train.add_argument("--max-nonfinite-steps", type=_int_at_least(1), metavar="N",
+                       help="a step with a non-finite loss or gradients is skipped; stop after N of them in a row "
+                            f"({FROM_PRESET}: 8)")
+    _add_compile_flags(train, FROM_PRESET)
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    train.add_argument("--stop-after", type=int, help="stop after this many steps (resume later)")
+    train.add_argument("--stop-after", type=_int_at_least(0), metavar="N",
+                       help="stop after step N, to resume later (default: run to --max-steps)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a model config field or a field of its mixer, e.g. --set decay_backend=chunk "
-                            "or --set mixer_kwargs.rank=16 (repeatable)")
+                            "or --set mixer_kwargs.rank=16; the value is read as YAML (repeatable; default: none)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(run=cmd_train)
+    return train
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
-    evaluate.add_argument("--ckpt", required=True)
-    evaluate.add_argument("--data")
-    evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--protocols", type=_csv(str), default=["full", "random"])
-    evaluate.add_argument("--random-iters", type=int, default=200)
-    evaluate.add_argument("--seed", type=int, default=1337)
+
+def _add_checkpoint_parsers(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a checkpoint on the validation split",
+        description="Evaluate a checkpoint of `linmix train` on the validation split and print JSON. The flags "
+                    "left out take the run's own evaluation settings. Cost: the full protocol reads every "
+                    "non-overlapping window once (436 windows of 256 tokens for Tiny Shakespeare), the random one "
+                    "--random-iters batches of --batch-size windows (200 x 64 by default: 29 times the full one).",
+    )
+    evaluate.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/NAME/best.pt (required)")
+    evaluate.add_argument("--data", metavar="PATH",
+                          help="corpus file or folder (default: $LINMIX_DATA_DIR, else the download cache)")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), help="windows per batch (default: the run's, 64)")
+    evaluate.add_argument("--protocols", type=_csv(str), metavar="LIST",
+                          help="comma list of full,random (default: the run's)")
+    evaluate.add_argument("--random-iters", type=_int_at_least(1),
+                          help="batches of the random protocol (default: the run's, 200)")
+    evaluate.add_argument("--seed", type=_int_at_least(0), help="seed of the random windows (default: the run's, 1337)")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     evaluate.set_defaults(run=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
-    sample.add_argument("--ckpt", required=True)
-    sample.add_argument("--prompt", default="\n")
-    sample.add_argument("--tokens", type=int, default=500)
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/NAME/best.pt (required)")
+    sample.add_argument("--prompt", default="\n", help="text to continue, in the model's characters (default: a newline)")
+    sample.add_argument("--tokens", type=_int_at_least(1), default=500, help="characters to generate (default: 500)")
+    sample.add_argument("--temperature", type=_float_at_least(0.0), default=0.8,
+                        help="softmax temperature, 0 for the most likely token (default: 0.8)")
+    sample.add_argument("--top-k", type=_int_at_least(1), help="sample among the k likeliest tokens (default: all)")
+    sample.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the sampling (default: 0)")
+    sample.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     sample.set_defaults(run=cmd_sample)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `linmix` command (imports no torch: `--help` answers at once)."""
+    parser = Parser(prog="linmix", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    presets = sub.add_parser("presets", help="list presets with their parameter counts and training recipes")
+    presets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    presets.set_defaults(run=cmd_presets)
+
+    train = _add_train_parser(sub)
+    _add_checkpoint_parsers(sub)
 
     from linmix.sweep import PassThroughFlag
 
     sweep = sub.add_parser("sweep", help="train a preset once per seed, resumably, and summarise the runs")
-    sweep.add_argument("--preset", help="preset name (needed unless --summarize-only)")
-    sweep.add_argument("--seeds", type=_csv(int), help="comma list of seeds, e.g. 42,69,420")
-    sweep.add_argument("--out", required=True, help="sweep folder; the run of seed S goes to OUT/seed-S")
-    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    sweep.add_argument("--preset", help="preset name (required unless --summarize-only; default: none)")
+    sweep.add_argument("--seeds", type=_csv(int), help="comma list of seeds, e.g. 42,69,420 (required unless "
+                                                        "--summarize-only; default: none)")
+    sweep.add_argument("--out", required=True, help="sweep folder; the run of seed S goes to OUT/seed-S (required)")
+    sweep.add_argument("--parallel", type=_int_at_least(1), default=1, help="runs at a time (default: 1)")
     sweep.add_argument("--summarize-only", action="store_true",
                        help="train nothing; write OUT/summary.json and OUT/summary.md from the runs there")
     passed_on = sweep.add_argument_group("train flags", "given unchanged to every run (see `linmix train --help`)")
@@ -421,12 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw learning curves and learned-dynamics figures of runs and sweeps")
     plot.add_argument("--runs", nargs="+", required=True, metavar="DIR",
                       help="run folders (with metrics.jsonl) or sweep folders (with seed-*/metrics.jsonl)")
-    plot.add_argument("--out", default="docs/figures", help="folder for the PNG files (default docs/figures)")
-    plot.add_argument("--reference", metavar="DIR", help="a run or sweep drawn dashed as the reference curve")
+    plot.add_argument("--out", help="folder for the PNG files (default: DIR/figures of the first --runs folder)")
+    plot.add_argument("--reference", metavar="DIR",
+                      help="a run or sweep drawn dashed as the reference curve (default: none)")
     plot.set_defaults(run=cmd_plot)
-
-    from linmix.layers import MIXERS
-    from linmix.ops import OPS
 
     bench = sub.add_parser(
         "bench", help="benchmark an op's or a mixer's backends against baselines (correctness-gated), or decoding",
@@ -437,22 +597,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--list", action="store_true",
                        help="list the op entries (backends, baselines, shape sets, options) and the mixers")
-    bench.add_argument("--op", help=f"an op ({', '.join(OPS)}) or layer (a mixer, with --mixer); "
-                                    "`--op k2_layer` is now `--op layer --mixer k2`")
-    bench.add_argument("--mixer", help=f"with --op layer: a registered mixer ({', '.join(MIXERS)})")
+    bench.add_argument("--op", help="an op, or layer for a mixer with --mixer; `linmix bench --list` names them "
+                                    "(`--op k2_layer` is now `--op layer --mixer k2`; required unless --list; default: none)")
+    bench.add_argument("--mixer", help="with --op layer: a registered mixer, e.g. k2 (see --list; default: none)")
     bench.add_argument("--backends", type=_csv(str), help="comma list (default: the entry's defaults, see --list)")
-    bench.add_argument("--modes", type=_csv(str), default=["fwd", "fwdbwd"], help="comma list of fwd,fwdbwd")
+    bench.add_argument("--modes", type=_csv(str), default=["fwd", "fwdbwd"], help="comma list of fwd,fwdbwd (default: fwd,fwdbwd)")
     bench.add_argument("--shapes", default="fla",
                        help="a shape set of the entry (see --list) or a JSON dict or list of dicts (default fla)")
     bench.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="an option of the op's entry, e.g. regime=token_typical, or with --op layer a config "
-                            "field of the mixer, e.g. rank=64; the value is read as YAML (repeatable)")
-    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+                            "field of the mixer, e.g. rank=64; the value is read as YAML (repeatable; default: none)")
+    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                       help="input dtype of the timed runs (default: bf16)")
     bench.add_argument("--kernels", type=int, default=0, metavar="N",
-                       help="also profile N calls of each timed row: every kernel's GPU time per call (CUDA)")
+                       help="also profile N calls of each timed row: every kernel's GPU time per call (CUDA; default: 0)")
     bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
-    bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, gates, rows)")
-    bench.add_argument("--plot", metavar="OUT.png", help="draw time against T per backend (log-log)")
+    bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, gates, rows; default: not written)")
+    bench.add_argument("--plot", metavar="OUT.png", help="draw time against T per backend, log-log (default: not drawn)")
     bench.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per measurement (default 25)")
     bench.add_argument("--rep-ms", type=float, default=100.0, help="timed duration per measurement (default 100)")
     bench.add_argument("--peak-tflops", type=float,
@@ -483,10 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--prompt-tokens", type=int, help="length of the random prompt (default 16)")
     decode.add_argument("--batch-size", type=int, help="sequences decoded together (default 1)")
     decode.add_argument("--temperature", type=float, help="0 for greedy tokens (default), else sampled")
-    decode.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    decode.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="dtype of the models (default: bf16)")
     decode.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
-    decode.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, models, rows)")
-    decode.add_argument("--plot", metavar="OUT.png", help="draw ms/token and memory against generated tokens")
+    decode.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, models, rows; default: not written)")
+    decode.add_argument("--plot", metavar="OUT.png", help="draw ms/token and memory against generated tokens (default: not drawn)")
     decode.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     decode.set_defaults(run=cmd_bench_decode)
 
@@ -504,27 +666,40 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--batch-sizes", type=_csv(int), required=True, help="comma list of windows per step")
     train_bench.add_argument("--steps", type=int, default=50, help="timed optimizer steps per run (default 50)")
     train_bench.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
-    _add_compile_flags(train_bench)
+    _add_compile_flags(train_bench, "default: off")
     train_bench.add_argument("--profile-steps", type=int, default=0, metavar="N",
                              help="then profile N more steps: wall and GPU ms per step, kernel launches (default 0)")
     train_bench.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
     train_bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                             help="model-config field for every model, e.g. decay_backend=chunk (repeatable)")
-    train_bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, rows)")
+                             help="model-config field for every model, e.g. decay_backend=chunk (repeatable; default: none)")
+    train_bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, rows; default: not written)")
     train_bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train_bench.set_defaults(run=cmd_bench_train)
     return parser
 
 
+def _report(args, message: object) -> None:
+    """Print `linmix COMMAND: error: MESSAGE` as one line on stderr."""
+    command = " ".join(filter(None, (args.command, getattr(args, "bench_command", None))))
+    print(f"linmix {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `linmix` command; returns the exit code."""
+    """Entry point of the `linmix` command; returns the exit code (0 done, 1 failed, 2 user error,
+    130 interrupted). User errors and operating-system failures are one line on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as error:
-        print(f"linmix {args.command}: error: {error}", file=sys.stderr)
+    except LinmixError as error:
+        _report(args, error)
         return EXIT_USAGE
+    except OSError as error:  # disk full, a folder that cannot be written, a file that vanished
+        _report(args, f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _report(args, "interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

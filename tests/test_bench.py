@@ -115,8 +115,7 @@ def test_bench_list_names_every_entry_backend_and_mixer(capsys):
     for name in (*OPS, *MIXERS, "layer", "sdpa", "attention", "tsweep", "regime=const_typical", "token_typical",
                  "skipped above T=4096 (quadratic memory)", "decay_backend of decayed_attention"):
         assert name in out
-    help_text = main_help(capsys)
-    assert all(name in help_text for name in (*OPS, *MIXERS, "--op layer --mixer k2"))
+    assert "--op layer --mixer k2" in main_help(capsys)
 
 
 def main_help(capsys) -> str:
@@ -214,7 +213,6 @@ def test_an_op_is_benchmarked_from_its_registration_alone(toy_op, tmp_path, caps
     assert set(report["gates"]["scan"]["fwdbwd"]["errors"]) == {"o", "dx"}
     assert main(["bench", "--list", "--device", "cpu"]) == 0
     assert f"{toy_op}: A running sum along T" in capsys.readouterr().out
-    assert toy_op in main_help(capsys)
 
 
 # ----------------------------------------------------------------------------- op runs

@@ -1,6 +1,9 @@
 """The `linmix` command end to end on a tiny model: train, resume, eval, sample, presets, errors."""
 
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -24,7 +27,8 @@ def train(out, *extra):
 
 
 def test_train_eval_sample_end_to_end(tmp_path, capsys):
-    assert train(tmp_path / "run", "--max-steps", "60", "--warmup-steps", "10", "--lr", "1e-2") == 0
+    assert train(tmp_path / "run", "--max-steps", "60", "--warmup-steps", "10", "--lr", "1e-2",
+                 "--eval-budget", "none") == 0
     out = capsys.readouterr().out
     assert "best val PPL" in out
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -34,8 +38,7 @@ def test_train_eval_sample_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in evals] == [0, 20, 40, 60]
     assert evals[-1]["val_ppl_full"] < evals[0]["val_ppl_full"]
 
-    assert main(["eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--batch-size", "256",
-                 "--random-iters", "2"]) == 0
+    assert main(["eval", "--ckpt", str(tmp_path / "run" / "best.pt"), "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert result["val_ppl_full"] == pytest.approx(summary["best"]["full"]["ppl"], rel=1e-6)
@@ -52,7 +55,7 @@ def test_cli_resume_matches_uninterrupted(tmp_path):
     assert train(tmp_path / "split", *common, "--resume") == 0
 
     def stable(path):
-        keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "eval_time_s")}
+        keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "eval_s")}
         return [keep(r) for r in read_metrics(path / "metrics.jsonl")]
 
     assert stable(tmp_path / "split") == stable(tmp_path / "full")
@@ -87,19 +90,6 @@ def test_presets_lists_counts(capsys):
     assert rows["kops-ts-v2"] == 810_189 and rows["nanogpt-ts"] == 10_745_088
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--preset", "kops-ts-v9"], "unknown preset"),
-    (["train", "--preset", "kops-ts-v2", "--set", "rank"], "KEY=VALUE"),
-    (["train", "--preset", "kops-ts-v2", "--set", "colour=red"], "no model fields"),
-    (["train", "--preset", "kops-ts-v2", "--batch-size", "0"], "batch_size"),
-    (["train", "--preset", "kops-wt2-v2"], "wikitext2"),
-    (["sample", "--ckpt", "/nonexistent/best.pt"], "does not exist"),
-])
-def test_usage_errors_exit_2(argv, message, capsys, tmp_path):
-    assert main([*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
-    assert message in capsys.readouterr().err
-
-
 def test_set_reaches_mixer_fields(tmp_path, capsys):
     assert _parse_overrides(["mixer_kwargs.n_heads=4", "rank=4"]) == {"mixer_kwargs.n_heads": 4, "rank": 4}
     out = tmp_path / "gpt"
@@ -109,19 +99,6 @@ def test_set_reaches_mixer_fields(tmp_path, capsys):
                  "--no-progress", "--out", str(out)]) == 0
     spec = load_checkpoint(out / "last.pt", map_location="cpu")["meta"]["model"]
     assert spec["config"]["mixer_kwargs"] == {"n_heads": 4, "bias": False, "dropout": 0.2}
-
-
-def test_bad_mixer_field_fails_before_training(tmp_path, capsys):
-    assert main(["train", "--preset", "kops-ts-v2", "--set", "mixer_kwargs.rank=-4", "--out", str(tmp_path / "r")]) == 2
-    assert "rank must be >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
-
-
-def test_bad_flag_exits_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--preset", "kops-ts-v2", "--max-stepz", "3"])
-    assert exit_info.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, fields", [
@@ -146,14 +123,54 @@ def test_linear_presets_compile_as_cuda_graphs_unless_told_otherwise(tmp_path):
     assert config("kops-ts-v2", "--compile").compile_mode == "default"
 
 
-def test_unknown_compile_mode_exits_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--preset", "kops-ts-v2", "--compile-mode", "fast"])
-    assert exit_info.value.code == 2
-    assert "reduce-overhead" in capsys.readouterr().err
-
-
 def test_existing_run_needs_resume(tmp_path, capsys):
     assert train(tmp_path / "run", "--max-steps", "2", "--warmup-steps", "1") == 0
     assert train(tmp_path / "run", "--max-steps", "2", "--warmup-steps", "1") == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _every_parser(parser):
+    """The parser and its subcommands' parsers, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _every_parser(child)
+
+
+def test_every_flag_has_help_that_states_its_default():
+    """Each flag of each command says what it does and, unless it is a switch or required, its default."""
+    missing = [
+        f"{parser.prog} {action.option_strings[0]}: {action.help!r}"
+        for parser in _every_parser(build_parser()) for action in parser._actions
+        if action.option_strings and action.dest != "help"
+        and not (action.help and (action.nargs == 0 or action.required or "default" in action.help))
+    ]
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["sweep"], ["plot"], ["bench"],
+                                     ["bench", "decode"], ["bench", "train"], ["presets"]])
+def test_help_imports_no_torch(command):
+    """`linmix ... --help` answers without importing torch (it takes seconds to import)."""
+    code = ("import sys, contextlib, io\nfrom linmix.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    try: main({[*command, '--help']!r})\n    except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_presets_show_their_training_recipes(capsys):
+    assert main(["presets"]) == 0
+    table = capsys.readouterr().out
+    assert "steps" in table and "protocols" in table
+    row = next(line for line in table.splitlines() if line.startswith("kops-ts-v2 "))
+    assert "3500" in row and "full,random" in row and "810,189" in row
+
+
+def test_plot_writes_beside_the_first_run_by_default(tmp_path, capsys):
+    assert train(tmp_path / "run", "--max-steps", "2", "--warmup-steps", "1") == 0
+    assert main(["plot", "--runs", str(tmp_path / "run")]) == 0
+    written = capsys.readouterr().out.split()
+    assert written and all(path.startswith(str(tmp_path / "run" / "figures")) for path in written[-len(written):]
+                           if path.endswith(".png"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable
 
 from linmix.layers.base import Mixer
+from linmix.ops import OPS
 
 # Fields the tests and the benchmark set themselves; a mixer's test configs leave them out.
 SIZE_FIELDS = ("d_model", "context_length")
@@ -122,12 +123,19 @@ def mixer_entry(name: str) -> MixerEntry:
 
 
 def mixer_config(name: str, **kwargs: Any):
-    """Build the config dataclass of mixer ``name``; unknown fields raise ValueError naming the known ones."""
+    """Build the config dataclass of mixer ``name``; unknown fields, and a backend field that names
+    no backend of its op, raise ValueError naming the known ones."""
     entry = mixer_entry(name)
     unknown = sorted(set(kwargs) - entry.field_names)
     if unknown:
         raise ValueError(f"mixer {name!r} has no config fields {unknown}; known fields: {sorted(entry.field_names)}")
-    return entry.config_cls(**kwargs)
+    config = entry.config_cls(**kwargs)
+    if entry.backend_field is not None:
+        backend, choices = getattr(config, entry.backend_field), OPS[entry.backend_op].backend_names()
+        if backend not in choices:
+            raise ValueError(f"{entry.backend_field} of mixer {name!r} must be one of {', '.join(choices)}; "
+                             f"got {backend!r}")
+    return config
 
 
 def mixer_config_in_model(name: str, mixer_kwargs: dict, model_fields: dict):
