@@ -6,7 +6,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from linmix.layers.base import Mixer
 from linmix.layers.registry import register_mixer
@@ -94,6 +93,10 @@ class CausalSelfAttention(Mixer):
             keys, values = _reserve(state["keys"], end), _reserve(state["values"], end)
             keys[:, :, start:end] = k.to(keys.dtype)
             values[:, :, start:end] = v.to(values.dtype)
+            # Imported here: torch.nn.attention.bias imports torch._dynamo (1.7 s), which a run
+            # without a KV cache never needs.
+            from torch.nn.attention.bias import causal_lower_right
+
             mask = causal_lower_right(length, end) if length > 1 else None  # query i sees keys 0..start + i
             with sdpa_kernel(CACHED_SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(

@@ -7,6 +7,12 @@ diagonal before ``exp``, so every exponent is ``<= 0`` and nothing overflows.
 
 import torch
 
+# On the CPU, the product of a block of query rows with every key, [B, rows, T, H, K], is kept near
+# this size: small enough to stay in cache between its multiply and its sum (a block of 8 rows at
+# the K2 shape, B 64, T 256, K 32, trains 2.4 times faster than the whole [B, T, T, H, K]). On a GPU
+# the whole product is one pass.
+ROW_BLOCK_BYTES = 2**24
+
 
 def _log_decays(log_gamma: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log decay between every pair of positions, and from the start to every position.
@@ -31,6 +37,22 @@ def _log_decays(log_gamma: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Te
         diff = (cumlog64[:, :, None] - cumlog64[:, None, :]).to(log_gamma.dtype)  # [B, T, T, H, K]
         cumlog = cumlog64.to(log_gamma.dtype)
     return diff.masked_fill(~causal, -torch.inf), cumlog
+
+
+def _row_blocks(q: torch.Tensor) -> list[slice]:
+    """Slices of the query rows whose products with every key, ``[B, rows, T, H, K]``, hold about
+    ``ROW_BLOCK_BYTES`` on the CPU (at least one row each); one slice of all rows elsewhere."""
+    B, T, H, K = q.shape
+    rows = max(1, ROW_BLOCK_BYTES // max(1, B * T * H * K * q.element_size())) if q.device.type == "cpu" else T
+    return [slice(start, min(start + rows, T)) for start in range(0, T, rows)]
+
+
+def _rows_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """The outputs of a block of query rows: ``q`` ``[B, rows, H, K]``, their ``decay`` rows
+    ``[Bg, rows, T, H, K]`` (zero above the diagonal); returns ``[B, rows, H, V]``."""
+    # An explicit product and sum: its backward is about 2x faster than a three-operand einsum's.
+    scores = (q[:, :, None] * k[:, None] * decay).sum(dim=-1)  # [B, rows, T, H]
+    return torch.einsum("btsh,bshv->bthv", scores, v)
 
 
 def mask_decayed_attention(
@@ -61,9 +83,7 @@ def mask_decayed_attention(
     T = q.shape[1]
     log_d, cumlog = _log_decays(log_gamma, T)
     decay = torch.exp(log_d)  # [Bg, T, T, H, K]
-    # An explicit product and sum: its backward is about 2x faster than a three-operand einsum's.
-    scores = (q[:, :, None] * k[:, None] * decay).sum(dim=-1)  # [B, T, T, H]
-    o = torch.einsum("btsh,bshv->bthv", scores, v)  # [B, T, H, V]
+    o = torch.cat([_rows_output(q[:, rows], k, v, decay[:, rows]) for rows in _row_blocks(q)], dim=1)  # [B, T, H, V]
     if initial_state is not None:
         q_decayed = q * torch.exp(cumlog)  # [B, T, H, K]
         o = o + torch.einsum("bthk,bhkv->bthv", q_decayed, initial_state)
