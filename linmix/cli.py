@@ -1,4 +1,4 @@
-"""The `linmix` command: train, eval, sample, sweep, plot, bench and presets.
+"""The `linmix` command: train, eval, sample, sweep, plot, bench, synth and presets.
 
 Run `linmix COMMAND --help` for the flags of each command. A user error (an unknown name, a value
 out of range, a missing or damaged file) prints one line, `linmix COMMAND: error: ...`, and exits
@@ -116,7 +116,7 @@ def _load_char_corpus(data_path: str | None):
     try:
         return load_char_corpus(data_path)
     except FileNotFoundError as error:
-        raise UsageError(f"--data: {error}") from None
+        raise UsageError(f"--data {data_path}: {error}" if data_path else str(error)) from None
 
 
 def cmd_presets(args) -> int:
@@ -560,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = _add_train_parser(sub)
     _add_checkpoint_parsers(sub)
+
+    from linmix.tasks.command import add_synth_parser
+
+    add_synth_parser(sub)
 
     from linmix.sweep import PassThroughFlag
 

@@ -99,7 +99,7 @@ def train_command(preset: str, seed: int, folder: Path, train_flags: Sequence[st
             "--out", str(folder), "--resume", "--no-progress", *train_flags]
 
 
-def _child_environment(parallel: int) -> dict[str, str]:
+def child_environment(parallel: int) -> dict[str, str]:
     """This process's environment for a run: the folder holding `linmix` first on PYTHONPATH, and,
     unless OMP_NUM_THREADS is set, the CPU cores split between the parallel runs (CPU runs that
     each use every core slow each other down many times over)."""
@@ -186,7 +186,7 @@ def run_sweep(
     failed: list[int] = []
     running: dict[int, subprocess.Popen] = {}
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    previous_handler = signal.signal(signal.SIGTERM, exit_on_sigterm) if on_main_thread else None
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -208,7 +208,9 @@ def run_sweep(
     return failed
 
 
-def _exit_on_sigterm(signum, frame) -> None:
+def exit_on_sigterm(signum, frame) -> None:
+    """A SIGTERM handler: exit with 128 + the signal's number, so `finally` blocks (ending child
+    processes, finishing atomic writes) still run."""
     raise SystemExit(128 + signum)
 
 
@@ -220,7 +222,7 @@ def _start_run(preset: str, seed: int, sweep_dir: Path, train_flags: Sequence[st
     with open(folder / RUN_LOG, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_child_environment(parallel))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(parallel))
     echo(f"seed {seed}: started, log {folder / RUN_LOG}")
     return process
 

@@ -150,7 +150,7 @@ def test_every_flag_has_help_that_states_its_default():
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["sweep"], ["plot"], ["bench"],
-                                     ["bench", "decode"], ["bench", "train"], ["presets"]])
+                                     ["bench", "decode"], ["bench", "train"], ["presets"], ["synth"]])
 def test_help_imports_no_torch(command):
     """`linmix ... --help` answers without importing torch (it takes seconds to import)."""
     code = ("import sys, contextlib, io\nfrom linmix.cli import main\n"

@@ -117,6 +117,10 @@ CASES = [
     ("bench_unknown_op", ["bench", "--op", "bogus", "--device", "cpu"], "bogus"),
     ("bench_without_op", ["bench", "--device", "cpu"], "--op"),
     ("bench_decode_unknown_preset", ["bench", "decode", "--presets", "bogus", "--device", "cpu"], "bogus"),
+    ("synth_unknown_task", ["synth", "--task", "sorting", "--out", "{TMP}/synth"], "sorting"),
+    ("synth_unknown_mixer", ["synth", "--task", "mqar", "--mixers", "lstm", "--out", "{TMP}/synth"], "lstm"),
+    ("synth_bad_cell", ["synth", "--task", "mqar", "--cells", "64:x", "--out", "{TMP}/synth"], "64:x"),
+    ("synth_parallel_zero", ["synth", "--task", "mqar", "--parallel", "0", "--out", "{TMP}/synth"], "--parallel"),
     ("no_command", [], "command"),
 ]
 if not torch.cuda.is_available():
