@@ -10,7 +10,8 @@ from linmix.ops._dispatch import OPS, Backend, Op
 from linmix.ops._guards import MAX_DENSE_BYTES, check_finite, is_checking_finite, limit_dense_bytes, max_dense_bytes
 from linmix.ops.causal_kernel import causal_kernel, causal_kernel_step
 from linmix.ops.decayed_attention import decayed_attention, decayed_attention_step
+from linmix.ops.delta_rule import DiagonalPreconditioner, delta_rule, delta_rule_step
 
-__all__ = ["MAX_DENSE_BYTES", "OPS", "Backend", "Op", "causal_kernel", "causal_kernel_step", "check_finite",
-           "decayed_attention", "decayed_attention_step", "is_checking_finite", "limit_dense_bytes",
-           "max_dense_bytes"]
+__all__ = ["MAX_DENSE_BYTES", "OPS", "Backend", "DiagonalPreconditioner", "Op", "causal_kernel", "causal_kernel_step",
+           "check_finite", "decayed_attention", "decayed_attention_step", "delta_rule", "delta_rule_step",
+           "is_checking_finite", "limit_dense_bytes", "max_dense_bytes"]

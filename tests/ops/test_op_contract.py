@@ -513,8 +513,11 @@ def test_finite_check_names_the_first_bad_entry(op_name, argument):
     unchecked = call(op, "auto", tensors, inputs.settings, state, output_final_state=True)
     with check_finite():
         checked = call(op, "auto", tensors, inputs.settings, state, output_final_state=True)
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(state_items("r", unchecked), state_items("r", checked),
-                                                                strict=True))
+        def results(out):
+            o, final_state = out
+            return [o, *(part for _, part in state_items("s", final_state))]
+
+        assert all(torch.equal(a, b) for a, b in zip(results(unchecked), results(checked), strict=True))
         target = {**tensors, **dict(state_items("initial_state", state))}[argument]
         first = target.numel() // 3
         with torch.no_grad():
