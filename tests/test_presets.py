@@ -13,6 +13,13 @@ EXPECTED_TOTALS = {
     "nanogpt-ts": 10_745_088,
     "kops-ts-linear": 810_189 - 256 * 256 + 16,  # the dense 256 x 256 Kbase becomes 16 taps
     "kops-ts-linear-long": 810_189 - 256 * 256 + 16,  # no parameter depends on the context length
+    # The delta-rule presets: within 5% of kops-ts-v2's 810,189.
+    "deltanet-ts": 805_888,
+    "pdeltanet-ts": 807_960,  # + 4 layers x (2 x 128 x 2 gate weights + 3 x 2 A_log, dt_bias, centre)
+    "gdn-ts": 806_928,
+    "pgdn-ts": 809_000,
+    "kda-ts": 839_688,
+    "pkda-ts": 841_760,
 }
 
 

@@ -2,6 +2,22 @@
 
 from linmix.layers.attention import AttentionConfig, CausalSelfAttention
 from linmix.layers.base import Mixer
+from linmix.layers.delta import (
+    DeltaNet,
+    DeltaNetConfig,
+    DeltaRuleConfig,
+    DeltaRuleMixer,
+    GatedDeltaNet,
+    GDNConfig,
+    KDAConfig,
+    KimiDeltaAttention,
+    PDeltaNetConfig,
+    PGDNConfig,
+    PKDAConfig,
+    PreconditionedDeltaNet,
+    PreconditionedGatedDeltaNet,
+    PreconditionedKDA,
+)
 from linmix.layers.k2 import K2Config, K2Mixer
 from linmix.layers.kbase import BaseKernel
 from linmix.layers.mlp import MLP
@@ -15,6 +31,7 @@ from linmix.layers.registry import (
     mixer_entry,
     register_mixer,
 )
+from linmix.layers.short_conv import ShortConv
 
 __all__ = [
     "MIXERS",
@@ -22,11 +39,26 @@ __all__ = [
     "AttentionConfig",
     "BaseKernel",
     "CausalSelfAttention",
+    "DeltaNet",
+    "DeltaNetConfig",
+    "DeltaRuleConfig",
+    "DeltaRuleMixer",
+    "GDNConfig",
+    "GatedDeltaNet",
+    "KDAConfig",
+    "KimiDeltaAttention",
     "K2Config",
     "K2Mixer",
     "Mixer",
     "MixerEntry",
+    "PDeltaNetConfig",
+    "PGDNConfig",
+    "PKDAConfig",
+    "PreconditionedDeltaNet",
+    "PreconditionedGatedDeltaNet",
+    "PreconditionedKDA",
     "RMSNorm",
+    "ShortConv",
     "build_mixer",
     "make_norm",
     "mixer_config",

@@ -28,6 +28,12 @@ NANOGPT_TS_TRAIN = dict(
     betas=(0.9, 0.99), optimizer_mode="simple", eval_interval=250,
 )
 
+# The delta-rule presets train the generic pre-norm LM, so they take nanoGPT's AdamW recipe (betas
+# (0.9, 0.99), weight decay 0.1, short warmup, cosine to a tenth), not the K-Stack's lr 1e-2 with 2000
+# warmup steps; lr 2e-3 suits delta-rule models of this size (1e-3 to 3e-3), and 3500 steps of 64 x 256
+# tokens are kops-ts-v2's budget, the parameter-matched baseline.
+DELTA_TS_TRAIN = dict(NANOGPT_TS_TRAIN, lr=2e-3, lr_floor=2e-4, max_steps=3500)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -67,6 +73,23 @@ _KOPS_TS_V2 = dict(
 )
 _KOPS_TS_LINEAR = {
     **_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "mixer_kwargs": {**_K2_V2, "decay_backend": "auto"},
+}
+
+# The delta-rule mixers in the generic LM at about kops-ts-v2's size (810,189 parameters): 4 blocks of
+# width 128, 2 heads of width 64. DeltaNet and (P)GDN have no output gate, as in the paper's configs
+# (spec/preconditioned_delta.md section 4); (P)KDA keep fla's low-rank sigmoid gate, rank 16 = d / 8
+# as fla's 128 at width 1024.
+_DELTA_TS = dict(
+    vocab_size=65, d_model=128, n_layers=4, context_length=256, mlp_ratio=4, norm="rmsnorm", bias=True, dropout=0.1,
+    position_embedding=False, tie_embeddings=True,
+)
+_DELTA_TS_MIXERS = {
+    "deltanet": ("DeltaNet", {"n_heads": 2, "use_gate": False}),
+    "pdeltanet": ("Preconditioned DeltaNet (PDN: PGDN with g = 0, our reading)", {"n_heads": 2, "use_gate": False}),
+    "gdn": ("Gated DeltaNet", {"n_heads": 2, "use_gate": False}),
+    "pgdn": ("Preconditioned Gated DeltaNet", {"n_heads": 2, "use_gate": False}),
+    "kda": ("Kimi Delta Attention", {"n_heads": 2, "low_rank": 16}),
+    "pkda": ("Preconditioned KDA", {"n_heads": 2, "low_rank": 16}),
 }
 
 _PRESET_LIST = [
@@ -126,6 +149,16 @@ _PRESET_LIST = [
              mixer_kwargs={"n_heads": 6, "bias": False, "dropout": 0.2}, mlp_ratio=4, norm="layernorm",
              bias=False, dropout=0.2, position_embedding=True, tie_embeddings=True),
         NANOGPT_TS_TRAIN,
+    ),
+    *(
+        Preset(
+            f"{mixer}-ts",
+            f"{title}, Tiny Shakespeare char: 4 blocks of width 128, 2 heads of 64, about kops-ts-v2's size",
+            "lm",
+            {**_DELTA_TS, "mixer": mixer, "mixer_kwargs": mixer_kwargs},
+            DELTA_TS_TRAIN,
+        )
+        for mixer, (title, mixer_kwargs) in _DELTA_TS_MIXERS.items()
     ),
 ]
 
