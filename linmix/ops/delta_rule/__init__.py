@@ -16,6 +16,7 @@ from linmix.ops.delta_rule.chunk import chunk_delta_rule
 from linmix.ops.delta_rule.fla import fla_delta_rule
 from linmix.ops.delta_rule.naive import State, delta_step, naive_delta_rule
 from linmix.ops.delta_rule.precond import DiagonalPreconditioner
+from linmix.ops.delta_rule.triton import triton_delta_rule
 from linmix.ops.delta_rule.validate import check_arguments, check_ranges
 
 
@@ -80,9 +81,11 @@ def delta_rule(
         output_final_state: whether to return the state after the last position.
         cu_seqlens: ``[N + 1]`` int32 or int64 boundaries of ``N`` sequences packed along T (``B = 1``),
             on q's device; None for a plain batch.
-        backend: ``"naive"`` (token loop), ``"chunk"`` (chunked WY form in PyTorch), ``"fla"``
+        backend: ``"naive"`` (token loop), ``"chunk"`` (chunked WY form in PyTorch), ``"triton"``
+            (chunked Triton kernels on CUDA, forward and backward; checked in Triton's CPU
+            interpreter only so far, hence not yet chosen by ``"auto"``), ``"fla"``
             (flash-linear-attention's kernels on CUDA, where installed; ``normalize_qk=True`` only)
-            or ``"auto"``.
+            or ``"auto"`` (``"chunk"``).
         check_values: whether to read the gates, strengths, centre and A back (one read) and check
             their ranges. On a GPU the read waits for the device; a caller whose values are in range
             by construction passes False. Shapes, dtypes and devices are always checked.
@@ -245,6 +248,9 @@ def _result_shapes(tensors: dict, settings: dict, initial_state: State | None, s
 BACKENDS = {
     "naive": Backend(naive_delta_rule, "token loop: the executable spec", max_T=2048, limit="token loop"),
     "chunk": Backend(chunk_delta_rule, "chunked WY (UT-transform) form in PyTorch (CPU and GPU)"),
+    "triton": Backend(triton_delta_rule, "chunked WY Triton kernels, float32 states (checked in Triton's CPU "
+                      "interpreter only, not yet on a GPU: not in auto)", native_dtypes=True, varlen=True,
+                      float64=False, needs_cuda=True, interpretable=True, requires="triton"),
     "fla": Backend(fla_delta_rule, "flash-linear-attention's chunk kernels (CUDA)", native_dtypes=True, varlen=True,
                    float64=False, needs_cuda=True, requires="fla", takes={"normalize_qk": (True,)}),
 }
