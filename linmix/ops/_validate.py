@@ -162,3 +162,22 @@ def check_cu_seqlens(name: str, cu_seqlens: object, packed: tuple[str, torch.Ten
                 f"{name} must be strictly increasing (every sequence at least one position), "
                 f"got sequence {n} from {start} to {end}"
             )
+
+
+LOG_DECAY_SLACK = 1e-6  # how far above 0 rounding may put a log decay
+
+
+def check_range(name: str, tensor: torch.Tensor, low: float, high: float, what: str, lo: float, hi: float) -> None:
+    """Raise ValueError unless ``tensor``'s minimum ``lo`` and maximum ``hi`` (read back by the caller, all
+    checks of an op in one read) are finite and within ``[low, high]``; ``high == LOG_DECAY_SLACK`` marks
+    a log decay. The message names the argument, what it is and, for a NaN or inf, its first index."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        index, value = first_non_finite(tensor)
+        raise ValueError(f"{name} holds {value} at {index}; it is {what} and must be finite"
+                         + ("; clamp full resets to a large negative value such as -30" if value == -math.inf
+                            and high == LOG_DECAY_SLACK else ""))
+    if lo < low or hi > high:
+        if high == LOG_DECAY_SLACK:
+            raise ValueError(f"{name} is the log of a decay and must be <= 0, got a maximum of {hi:.3g}")
+        interval = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{name} is {what} and must be {interval}, got values from {lo:.3g} to {hi:.3g}")

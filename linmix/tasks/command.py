@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from linmix.errors import UsageError
 from linmix.tasks.protocols import PROTOCOLS, RECIPES
 
@@ -23,23 +25,13 @@ def _csv(kind):
     return parse
 
 
-def _value(text: str):
-    """A command-line value as int, float, bool (true/false) or string."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _pairs(text: str, flag: str) -> dict:
     pairs = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"{flag} takes field=value pairs separated by commas, got {text!r}")
-        pairs[key.strip()] = _value(value.strip())
+        pairs[key.strip()] = yaml.safe_load(value.strip())
     return pairs
 
 

@@ -16,6 +16,7 @@ device aside), so a changed setting makes a new run rather than reusing an old r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -179,11 +180,9 @@ class _Worker:
     def send(self, job: dict) -> None:
         """Give the worker a job (if it has died, its reader reports the job's end)."""
         self.job = job
-        try:
+        with contextlib.suppress(BrokenPipeError):
             self.process.stdin.write(json.dumps(job) + "\n")
             self.process.stdin.flush()
-        except BrokenPipeError:
-            pass
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""

@@ -12,6 +12,8 @@ import math
 import torch
 
 from linmix.ops._validate import (
+    LOG_DECAY_SLACK,
+    check_range,
     check_cu_seqlens,
     check_finite_number,
     check_ndim,
@@ -19,11 +21,9 @@ from linmix.ops._validate import (
     check_same_dtype,
     check_shape,
     check_tensor,
-    first_non_finite,
     shape_str,
 )
 
-LOG_DECAY_SLACK = 1e-6  # how far above 0 rounding may put a log decay
 
 
 def _layout(step: bool, *dims: str) -> str:
@@ -141,13 +141,4 @@ def check_ranges(*, beta, g, precond: tuple | None, state, state_name: str) -> N
         return
     bounds = torch.stack([torch.stack(torch.aminmax(c[1].detach())).double() for c in checks])  # one read
     for (name, tensor, low, high, what), (lo, hi) in zip(checks, bounds.tolist(), strict=True):
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            index, value = first_non_finite(tensor)
-            raise ValueError(f"{name} holds {value} at {index}; it is {what} and must be finite"
-                             + ("; clamp full resets to a large negative value such as -30" if value == -math.inf
-                                and high == LOG_DECAY_SLACK else ""))
-        if lo < low or hi > high:
-            if high == LOG_DECAY_SLACK:
-                raise ValueError(f"{name} is the log of a decay and must be <= 0, got a maximum of {hi:.3g}")
-            interval = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-            raise ValueError(f"{name} is {what} and must be {interval}, got values from {lo:.3g} to {hi:.3g}")
+        check_range(name, tensor, low, high, what, lo, hi)

@@ -12,6 +12,8 @@ import math
 import torch
 
 from linmix.ops._validate import (
+    LOG_DECAY_SLACK,
+    check_range,
     check_cu_seqlens,
     check_finite_number,
     check_ndim,
@@ -23,7 +25,6 @@ from linmix.ops._validate import (
     shape_str,
 )
 
-LOG_DECAY_SLACK = 1e-6  # how far above 0 rounding may put a log decay
 SYMMETRY_SLACK = 1e-3  # largest |H - H^T| of an initial Gram state, relative to its largest entry
 
 
@@ -126,16 +127,7 @@ def check_ranges(*, g, beta, alpha, state, state_name: str) -> None:
         stats.append(torch.stack([H.abs().amax(), asymmetry, H.diagonal(dim1=-2, dim2=-1).amin()]).double())
     values = torch.stack([torch.nn.functional.pad(s, (0, 3 - s.numel())) for s in stats]).tolist()  # one read
     for (name, tensor, low, high, what), (lo, hi, _) in zip(checks, values, strict=False):
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            index, value = first_non_finite(tensor)
-            raise ValueError(f"{name} holds {value} at {index}; it is {what} and must be finite"
-                             + ("; clamp full resets to a large negative value such as -30" if value == -math.inf
-                                and high == LOG_DECAY_SLACK else ""))
-        if lo < low or hi > high:
-            if high == LOG_DECAY_SLACK:
-                raise ValueError(f"{name} is the log of a decay and must be <= 0, got a maximum of {hi:.3g}")
-            interval = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-            raise ValueError(f"{name} is {what} and must be {interval}, got values from {lo:.3g} to {hi:.3g}")
+        check_range(name, tensor, low, high, what, lo, hi)
     if gram is not None:
         largest, asymmetry, diagonal = values[-1]
         name = f"{state_name}[0]"
