@@ -20,6 +20,7 @@ EXPECTED_TOTALS = {
     "pgdn-ts": 809_000,
     "kda-ts": 839_688,
     "pkda-ts": 841_760,
+    "gka-ts": 807_968,  # gdn-ts + 4 layers x (2 x 128 alpha gate weights + 4 beta and alpha biases)
 }
 
 

@@ -18,6 +18,7 @@ from linmix.layers.delta import (
     PreconditionedGatedDeltaNet,
     PreconditionedKDA,
 )
+from linmix.layers.gka import GatedKalmaNet, GKAConfig
 from linmix.layers.k2 import K2Config, K2Mixer
 from linmix.layers.kbase import BaseKernel
 from linmix.layers.mlp import MLP
@@ -44,7 +45,9 @@ __all__ = [
     "DeltaRuleConfig",
     "DeltaRuleMixer",
     "GDNConfig",
+    "GKAConfig",
     "GatedDeltaNet",
+    "GatedKalmaNet",
     "KDAConfig",
     "KimiDeltaAttention",
     "K2Config",

@@ -75,10 +75,12 @@ _KOPS_TS_LINEAR = {
     **_KOPS_TS_V2, "kbase": "toeplitz", "kbase_taps": 16, "mixer_kwargs": {**_K2_V2, "decay_backend": "auto"},
 }
 
-# The delta-rule mixers in the generic LM at about kops-ts-v2's size (810,189 parameters): 4 blocks of
-# width 128, 2 heads of width 64. DeltaNet and (P)GDN have no output gate, as in the paper's configs
-# (spec/preconditioned_delta.md section 4); (P)KDA keep fla's low-rank sigmoid gate, rank 16 = d / 8
-# as fla's 128 at width 1024.
+# The delta-rule mixers and Gated KalmaNet in the generic LM at about kops-ts-v2's size (810,189
+# parameters): 4 blocks of width 128, 2 heads of width 64. DeltaNet and (P)GDN have no output gate, as in
+# the paper's configs (spec/preconditioned_delta.md section 4); (P)KDA keep fla's low-rank sigmoid gate,
+# rank 16 = d / 8 as fla's 128 at width 1024. GKA (ridge 0.02, 30 Chebyshev steps, forgetting, alpha and
+# beta gates on: spec/gated_kalmanet.md sections 4 and 5) drops its output gate too, which makes it
+# gdn-ts's shapes plus the alpha gate and the gate biases (its gate, d x HK per block, would add 8%).
 _DELTA_TS = dict(
     vocab_size=65, d_model=128, n_layers=4, context_length=256, mlp_ratio=4, norm="rmsnorm", bias=True, dropout=0.1,
     position_embedding=False, tie_embeddings=True,
@@ -90,6 +92,7 @@ _DELTA_TS_MIXERS = {
     "pgdn": ("Preconditioned Gated DeltaNet", {"n_heads": 2, "use_gate": False}),
     "kda": ("Kimi Delta Attention", {"n_heads": 2, "low_rank": 16}),
     "pkda": ("Preconditioned KDA", {"n_heads": 2, "low_rank": 16}),
+    "gka": ("Gated KalmaNet", {"n_heads": 2, "use_gate": False}),
 }
 
 _PRESET_LIST = [
