@@ -82,10 +82,9 @@ def delta_rule(
         cu_seqlens: ``[N + 1]`` int32 or int64 boundaries of ``N`` sequences packed along T (``B = 1``),
             on q's device; None for a plain batch.
         backend: ``"naive"`` (token loop), ``"chunk"`` (chunked WY form in PyTorch), ``"triton"``
-            (chunked Triton kernels on CUDA, forward and backward; checked in Triton's CPU
-            interpreter only so far, hence not yet chosen by ``"auto"``), ``"fla"``
+            (chunked Triton kernels on CUDA, forward and backward), ``"fla"``
             (flash-linear-attention's kernels on CUDA, where installed; ``normalize_qk=True`` only)
-            or ``"auto"`` (``"chunk"``).
+            or ``"auto"`` (``"triton"`` on CUDA, else ``"chunk"``).
         check_values: whether to read the gates, strengths, centre and A back (one read) and check
             their ranges. On a GPU the read waits for the device; a caller whose values are in range
             by construction passes False. Shapes, dtypes and devices are always checked.
@@ -248,13 +247,13 @@ def _result_shapes(tensors: dict, settings: dict, initial_state: State | None, s
 BACKENDS = {
     "naive": Backend(naive_delta_rule, "token loop: the executable spec", max_T=2048, limit="token loop"),
     "chunk": Backend(chunk_delta_rule, "chunked WY (UT-transform) form in PyTorch (CPU and GPU)"),
-    "triton": Backend(triton_delta_rule, "chunked WY Triton kernels, float32 states (checked in Triton's CPU "
-                      "interpreter only, not yet on a GPU: not in auto)", native_dtypes=True, varlen=True,
+    "triton": Backend(triton_delta_rule, "chunked WY Triton kernels, float32 states (CUDA; Triton's CPU "
+                      "interpreter in the tests)", native_dtypes=True, varlen=True,
                       float64=False, needs_cuda=True, interpretable=True, requires="triton"),
     "fla": Backend(fla_delta_rule, "flash-linear-attention's chunk kernels (CUDA)", native_dtypes=True, varlen=True,
                    float64=False, needs_cuda=True, requires="fla", takes={"normalize_qk": (True,)}),
 }
-AUTO = ("chunk",)
+AUTO = ("triton", "chunk")
 
 OP = register_op(Op(
     name="delta_rule",

@@ -180,7 +180,9 @@ SPEC = OpTestSpec(
     bad_inputs=_bad_inputs(),
     dim_ranges={"B": (1, 3), "H": (1, 3), "K": (1, 40), "V": (1, 40)},
     # fla's tl.dot multiplies float32 in TF32 (its own tests allow 5e-3 on outputs, 2e-2 on gate gradients).
-    backend_tolerance={"fla": {torch.float32: 5e-3, torch.bfloat16: 2e-2}},
+    # Our kernels multiply in TF32 for 16-bit inputs too: on the H200 the centre's gradient of a bf16 PKDA
+    # case (a sum over every position and channel) came 1.25e-2 from the reference, so bf16 takes fla's 2e-2.
+    backend_tolerance={"fla": {torch.float32: 5e-3, torch.bfloat16: 2e-2}, "triton": {torch.bfloat16: 2e-2}},
     library_dims={"K": 64, "V": 64},
     library_regimes=("dn", "gdn", "kda", "pgdn", "pkda_gva"),  # one case per fla kernel; fla is not built for resets
 )

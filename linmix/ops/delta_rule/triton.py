@@ -24,8 +24,8 @@ in the same launches. Every op has a fake implementation and an autograd formula
 ``torch.compile(fullgraph=True)`` traces through them.
 
 Limits: ``K <= 256`` (the state passes hold all of a head's key channels); float32, bfloat16 and
-float16 inputs (float64 runs on ``chunk``). Validated in Triton's CPU interpreter only: not yet run
-on a GPU.
+float16 inputs (float64 runs on ``chunk``). Checked against the float64 reference in Triton's CPU
+interpreter (CI) and on an H200 (``pytest -m gpu``).
 """
 
 import functools
@@ -44,17 +44,6 @@ MAX_BLOCK_K = 64  # largest key tile of the per-chunk kernels
 MAX_BLOCK_V = 64  # largest value tile
 MAX_STATE_K = 256  # the state passes hold all K channels of a head in one tile
 MAX_GRADS_BLOCK_K = 32  # the gradient kernel holds three [64, 64] matrices besides its key tiles
-# Warps per kernel: a first guess, not tuned on a GPU. The state passes hold all K channels of a head
-# (three [64, K] tiles besides the state), the prepare and gradient kernels several [64, 64] matrices.
-LAUNCH = {
-    "precond_forward": dict(num_warps=4),
-    "precond_backward": dict(num_warps=4),
-    "prepare": dict(num_warps=8),
-    "states": dict(num_warps=8),
-    "output": dict(num_warps=4),
-    "dstates": dict(num_warps=8),
-    "grads": dict(num_warps=8),
-}
 
 
 @functools.cache
@@ -160,7 +149,7 @@ def precond_forward(
         _kernels().precond_forward_kernel[(cdiv(K, BK), layout.n_seqs * H)](
             k, precond_g, precond_beta, precond_center.contiguous(), a0, kw, a_starts, a_final, math.log(x), eps,
             layout.cu_seqlens, layout.chunk_offsets, T, layout.NT, H, K, BT=CHUNK, BK=BK, HAS_A0=a0 is not None,
-            IS_VARLEN=layout.varlen, **LAUNCH["precond_forward"],
+            IS_VARLEN=layout.varlen,
         )
     return kw, a_final, a_starts
 
@@ -199,7 +188,7 @@ def precond_backward(
         _kernels().precond_backward_kernel[(NK, N * H)](
             k, precond_g, precond_beta, precond_center.contiguous(), a_starts, dkw.float().contiguous(), daf, dk, dgp,
             dbp, dcenter, da0, math.log(x), eps, B * T * H, layout.cu_seqlens, layout.chunk_offsets, T, layout.NT, H, K,
-            BT=CHUNK, BK=BK, HAS_DA_FINAL=daf is not None, IS_VARLEN=layout.varlen, **LAUNCH["precond_backward"],
+            BT=CHUNK, BK=BK, HAS_DA_FINAL=daf is not None, IS_VARLEN=layout.varlen,
         )
     return (dk.to(k.dtype), dgp.sum(dim=0).to(precond_g.dtype), dbp.sum(dim=0).to(precond_beta.dtype),
             dcenter.view(N, H, NK).sum(dim=(0, 2)).to(precond_center.dtype), da0)
@@ -255,7 +244,7 @@ def delta_rule_forward(
         u = q.new_empty(B, T, HV, V, **f32)
         kernels.chunk_prepare_kernel[(layout.n_chunks, HV)](
             q, k, kw, v, beta, g_arg, ainv, aqk, w, u, scale, chunk_indices=layout.chunk_indices, BK=BK, BV=BV,
-            **common, **LAUNCH["prepare"],
+            **common,
         )
         BV_state = _state_block_v(q, layout.n_seqs * HV, V, BK_state)
         h = q.new_empty(state_rows(B, T, cu_seqlens), HV, K, V, **f32)
@@ -264,12 +253,11 @@ def delta_rule_forward(
         h0 = None if initial_state is None else initial_state.float().contiguous()
         kernels.chunk_states_kernel[(cdiv(V, BV_state), layout.n_seqs * HV)](
             kw, w, u, g_arg, h0, h, vn, ht, chunk_offsets=layout.chunk_offsets, BK=BK_state, BV=BV_state,
-            HAS_H0=h0 is not None, **common, **LAUNCH["states"],
+            HAS_H0=h0 is not None, **common,
         )
         o = torch.empty_like(v)
         kernels.chunk_output_kernel[(cdiv(V, BV), layout.n_chunks, HV)](
             q, g_arg, h, aqk, vn, o, scale, chunk_indices=layout.chunk_indices, BK=BK, BV=BV, **common,
-            **LAUNCH["output"],
         )
     return o, ht, h, ainv, aqk, w, vn
 
@@ -316,7 +304,7 @@ def delta_rule_backward(
         BV_state = _state_block_v(q, layout.n_seqs * HV, V, BK_state)
         kernels.chunk_dstates_kernel[(cdiv(V, BV_state), layout.n_seqs * HV)](
             q, kw, w, aqk, g_arg, do, dht, dh, dvn, dh0, scale, chunk_offsets=layout.chunk_offsets, BK=BK_state,
-            BV=BV_state, HAS_DHT=dht is not None, **common, **LAUNCH["dstates"],
+            BV=BV_state, HAS_DHT=dht is not None, **common,
         )
         dq = q.new_empty(B, T, HV, K, **f32)
         dk, dkw = torch.empty_like(dq), torch.empty_like(dq)
@@ -325,7 +313,7 @@ def delta_rule_backward(
         dg = q.new_empty(g.shape if g is not None else (0,), **f32)
         kernels.chunk_grads_kernel[(layout.n_chunks, HV)](
             q, k, kw, v, beta, g_arg, h, dh, ainv, vn, dvn, do, dq, dk, dkw, dv, dbeta, dbeta if g is None else dg,
-            scale, chunk_indices=layout.chunk_indices, BK=BK, BV=BV, **common, **LAUNCH["grads"],
+            scale, chunk_indices=layout.chunk_indices, BK=BK, BV=BV, **common,
         )
     return (_key_heads(dq, H).to(q.dtype), _key_heads(dk, H).to(k.dtype), _key_heads(dkw, H).to(kw.dtype), dv,
             dbeta.to(beta.dtype), dg, dh0)

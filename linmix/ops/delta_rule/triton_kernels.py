@@ -40,11 +40,40 @@ Layouts (contiguous): ``q, k, kw [B, T, H, K]``; ``v [B, T, HV, V]``; ``beta [B,
 ``chunk_indices`` and ``chunk_offsets`` with ``IS_VARLEN``.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
 # Integer arguments that change with the sequence lengths: not specialised (no recompilation per length).
 SEQUENCE_ARGS = ["T", "NT"]
+# Heads wider than ``SMALL_HEAD`` channels: at K = V = 128 the float32 tiles with Triton's default 3
+# pipeline stages need more shared memory than a Hopper SM has (up to 270 KB against 227 KB on the
+# H200), so those shapes autotune over ``WIDE_STAGES`` (fewer stages, less shared memory; the
+# autotuner drops a configuration that does not fit). Narrower heads (every test shape, the small
+# models) run the default configuration, compiled once; Triton's CPU interpreter has only that one.
+SMALL_HEAD = 64
+DEFAULT_STAGES = 3
+WIDE_STAGES = (1, 2)
+TUNE_KEY = ["K", "V", "BK", "BV", "MODE", "IS_VARLEN", "PRECISION"]
+
+
+def _head_width(named_args: dict, kwargs: dict) -> int:
+    return max(named_args.get(name, kwargs.get(name, 0)) for name in ("K", "V"))
+
+
+def tuned(num_warps: int):
+    """``triton.autotune`` over ``WIDE_STAGES`` for heads wider than ``SMALL_HEAD`` channels, keyed by the
+    shapes the kernels specialise on; ``num_warps`` with Triton's default stages for narrower heads."""
+    default = triton.Config({}, num_warps=num_warps, num_stages=DEFAULT_STAGES)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.autotune(configs=[default], key=[])
+    wide = [triton.Config({}, num_warps=num_warps, num_stages=stages) for stages in WIDE_STAGES]
+
+    def prune(configs, named_args, **kwargs):
+        return wide if _head_width(named_args, kwargs) > SMALL_HEAD else [default]
+
+    return triton.autotune(configs=[default, *wide], key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
 # ---- addressing ---------------------------------------------------------------------------------------
@@ -338,6 +367,7 @@ def _gain(stats, center, log_x, eps):
     return tl.exp(-log_x * r / (1.0 + tl.abs(r))), r
 
 
+@tuned(num_warps=4)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def precond_forward_kernel(
     k, gp, bp, center, a0, kw, a_starts, a_final, log_x, eps, cu_seqlens, chunk_offsets, T, NT, H, K,
@@ -377,6 +407,7 @@ def precond_forward_kernel(
     tl.store(a_final + boundary + cols, A, mask=cols < K)
 
 
+@tuned(num_warps=4)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def precond_backward_kernel(
     k, gp, bp, center, a_starts, dkw, da_final, dk, dgp, dbp, dcenter, da0, log_x, eps, part_stride, cu_seqlens,
@@ -440,6 +471,7 @@ def precond_backward_kernel(
 # ---- forward ------------------------------------------------------------------------------------------
 
 
+@tuned(num_warps=8)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_prepare_kernel(
     q, k, kw, v, beta, g, ainv, aqk, w, u, scale, cu_seqlens, chunk_indices, T, NT, H, HV, K, V,
@@ -508,6 +540,7 @@ def chunk_prepare_kernel(
         _store(u, _mm(t_inv, rhs, PRECISION, DOT_DTYPE), t0, cv0, HV * V, eos, V, BT, BV)
 
 
+@tuned(num_warps=8)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_states_kernel(
     kw, w, u, g, h0, h, vn, ht, cu_seqlens, chunk_offsets, T, NT, H, HV, K, V,
@@ -556,6 +589,7 @@ def chunk_states_kernel(
     _store(ht + boundary, state, 0, cv0, V, K, V, BK, BV)
 
 
+@tuned(num_warps=4)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_output_kernel(
     q, g, h, aqk, vn, o, scale, cu_seqlens, chunk_indices, T, NT, H, HV, K, V,
@@ -596,6 +630,7 @@ def chunk_output_kernel(
 # ---- backward -----------------------------------------------------------------------------------------
 
 
+@tuned(num_warps=8)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_dstates_kernel(
     q, kw, w, aqk, g, do, dht, dh, dvn, dh0, scale, cu_seqlens, chunk_offsets, T, NT, H, HV, K, V,
@@ -657,6 +692,7 @@ def chunk_dstates_kernel(
     _store(dh0 + boundary, dstate, 0, cv0, V, K, V, BK, BV)
 
 
+@tuned(num_warps=8)
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
 def chunk_grads_kernel(
     q, k, kw, v, beta, g, h, dh, ainv, vn, dvn, do, dq, dk, dkw, dv, dbeta, dg, scale, cu_seqlens, chunk_indices,
