@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
-from op_harness import Case, case_inputs
+from helpers import assert_all_close, assert_close
+from op_harness import Case, case_inputs, gpu_only, reference, run
 
 from linmix.ops import DiagonalPreconditioner, delta_rule, delta_rule_step
 from linmix.ops.delta_rule import OP, delta_rule_step_unpacked, delta_rule_unpacked
@@ -222,3 +222,22 @@ def test_compiles_with_the_preconditioner_built_inside_the_graph():
     for name, ref, out in zip(leaves, torch.autograd.grad(expected, list(leaves.values())),
                               torch.autograd.grad(got, list(leaves.values())), strict=True):
         assert_close(f"d{name}", ref, out, ratio=1e-6)
+
+
+# ---- GPU (pytest -m gpu): the head widths of the models (64) and of the benchmarks (128) ----------------
+
+WIDE_HEADS = {"K64-V64": (("B", 2), ("H", 2), ("K", 64), ("V", 64)),
+              "K128-V128": (("B", 1), ("H", 2), ("K", 128), ("V", 128))}
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", WIDE_HEADS, ids=list(WIDE_HEADS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_wide_heads_match_the_chunked_form(variant, shape, dtype):
+    """Every variant at heads of 64 and 128 channels, T = 333 from an initial state: outputs, final state and
+    every gradient within the contract's tolerances of the float64 chunked form (held to naive by the suite)."""
+    case = Case(OP.name, variant, 333, True, dims=WIDE_HEADS[shape],
+                rounded_to=None if dtype == torch.float32 else dtype)
+    spec = case.spec
+    assert_all_close(reference(case, "chunk"), run(case, "triton", dtype, "cuda"), ratio=spec.ratio("triton", dtype))

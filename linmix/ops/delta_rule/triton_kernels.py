@@ -47,14 +47,15 @@ import triton.language as tl
 
 # Integer arguments that change with the sequence lengths: not specialised (no recompilation per length).
 SEQUENCE_ARGS = ["T", "NT"]
-# Heads wider than ``SMALL_HEAD`` channels: at K = V = 128 the float32 tiles with Triton's default 3
-# pipeline stages need more shared memory than a Hopper SM has (up to 270 KB against 227 KB on the
-# H200), so those shapes autotune over ``WIDE_STAGES`` (fewer stages, less shared memory; the
-# autotuner drops a configuration that does not fit). Narrower heads (every test shape, the small
-# models) run the default configuration, compiled once; Triton's CPU interpreter has only that one.
-SMALL_HEAD = 64
+# Heads wider than ``SMALL_HEAD`` channels: with Triton's default 3 pipeline stages the float32 tiles
+# of some kernels need more shared memory than a Hopper SM has (on the H200: up to 270 KB against
+# 227 KB at K = V = 128, and 246 KB for DeltaNet, PDN and PKDA at K = V = 64), so those shapes autotune
+# over ``STAGES`` and the autotuner drops a configuration that does not fit. Narrower heads (the
+# contract suite's shapes) run the default configuration, compiled once; Triton's CPU interpreter has
+# only that one.
+SMALL_HEAD = 32
 DEFAULT_STAGES = 3
-WIDE_STAGES = (1, 2)
+STAGES = (3, 2, 1)
 TUNE_KEY = ["K", "V", "BK", "BV", "MODE", "IS_VARLEN", "PRECISION"]
 
 
@@ -63,17 +64,17 @@ def _head_width(named_args: dict, kwargs: dict) -> int:
 
 
 def tuned(num_warps: int):
-    """``triton.autotune`` over ``WIDE_STAGES`` for heads wider than ``SMALL_HEAD`` channels, keyed by the
-    shapes the kernels specialise on; ``num_warps`` with Triton's default stages for narrower heads."""
-    default = triton.Config({}, num_warps=num_warps, num_stages=DEFAULT_STAGES)
+    """``triton.autotune`` over ``STAGES`` for heads wider than ``SMALL_HEAD`` channels, keyed by the shapes
+    the kernels specialise on; ``num_warps`` with Triton's default stages for narrower heads."""
+    configs = [triton.Config({}, num_warps=num_warps, num_stages=stages) for stages in STAGES]
+    default = next(c for c in configs if c.num_stages == DEFAULT_STAGES)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.autotune(configs=[default], key=[])
-    wide = [triton.Config({}, num_warps=num_warps, num_stages=stages) for stages in WIDE_STAGES]
 
     def prune(configs, named_args, **kwargs):
-        return wide if _head_width(named_args, kwargs) > SMALL_HEAD else [default]
+        return configs if _head_width(named_args, kwargs) > SMALL_HEAD else [default]
 
-    return triton.autotune(configs=[default, *wide], key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+    return triton.autotune(configs=configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
 # ---- addressing ---------------------------------------------------------------------------------------
