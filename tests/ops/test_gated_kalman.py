@@ -7,20 +7,28 @@ solve's condition number is at most ``(1 + ridge) / ridge``; the chunk's closed-
 equal ``||H_t||_F``. The identity ``alpha = 0`` = scalar-gated linear attention (``decayed_attention``),
 the gradient of the whole op once the iteration has converged (finite differences), the final Gram
 state's gradient reaching keys, gates and strengths, and Gram states that stay symmetric PSD in
-float32 over 16k positions.
+float32 over 16k positions. The Triton backend (in Triton's CPU interpreter without CUDA) beyond the
+op contract: the float64 fallback, the refusals, wide heads over several tiles, gradients through the
+final states alone, ``opcheck`` of its custom ops and a GKA layer under ``torch.compile``; with
+``-m gpu`` the paper's head widths, long sequences, 16-bit inputs and many packed sequences.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
-from op_harness import Case, case_inputs
+from helpers import assert_all_close, assert_close
+from op_harness import Case, case_inputs, gpu_only, leaves_of, reference, run
 
 from linmix.ops import decayed_attention, gated_kalman
+from linmix.ops._dispatch import installed
 from linmix.ops.gated_kalman.chunk import gram_norms_squared, segsum
 from linmix.ops.gated_kalman.solve import chebyshev, token_chebyshev, token_exact_solve, token_matrix, token_solve
+from linmix.ops.gated_kalman.testing import SPEC
+from linmix.ops.gated_kalman.triton import precision_for
 
 F64 = dict(ratio=1e-12, atol=1e-13)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # of the Triton backend (the interpreter on the CPU)
+needs_triton = pytest.mark.skipif(not installed("triton"), reason="needs the optional package triton")
 
 
 def _layer_inputs(B: int, T: int, H: int, K: int, V: int, seed: int, dtype=torch.float64, decays=(0.9, 0.999)):
@@ -198,17 +206,20 @@ def test_final_gram_gradient_reaches_keys_gates_and_strengths():
             assert_close(f"d{name}", ref, grads[name], **F64)
 
 
-def test_an_empty_gram_state_is_finite():
+@pytest.mark.parametrize("backend, dtype", [("chunk", torch.float64), ("naive", torch.float64),
+                                            ("exact", torch.float64),
+                                            pytest.param("triton", torch.float32, marks=needs_triton)])
+def test_an_empty_gram_state_is_finite(backend, dtype):
     """Strengths of 0 from a zero state (no key yet): ``||H||_F`` is floored, outputs are 0, gradients finite."""
-    inputs = _layer_inputs(1, 20, 2, 8, 4, seed=9)
-    inputs["beta"] = torch.cat([torch.zeros(1, 10, 2, dtype=torch.float64), inputs["beta"][:, 10:]], dim=1)
-    for backend in ("chunk", "naive", "exact"):
-        leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
-        o, _ = gated_kalman(**leaves, backend=backend)
-        assert torch.equal(o[:, :10], torch.zeros_like(o[:, :10]))
-        assert torch.isfinite(o).all()
-        grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
-        assert all(torch.isfinite(grad).all() for grad in grads)
+    inputs = _layer_inputs(1, 20, 2, 8, 4, seed=9, dtype=dtype)
+    inputs["beta"] = torch.cat([torch.zeros(1, 10, 2, dtype=dtype), inputs["beta"][:, 10:]], dim=1)
+    device = DEVICE if backend == "triton" else "cpu"
+    leaves = {name: x.to(device).requires_grad_() for name, x in inputs.items()}
+    o, _ = gated_kalman(**leaves, backend=backend)
+    assert torch.equal(o[:, :10], torch.zeros_like(o[:, :10]))
+    assert torch.isfinite(o).all()
+    grads = torch.autograd.grad(o.square().sum(), list(leaves.values()))
+    assert all(torch.isfinite(grad).all() for grad in grads)
 
 
 # ---- long runs in float32 ---------------------------------------------------------------------------------
@@ -229,3 +240,152 @@ def test_gram_states_stay_symmetric_psd_over_16k_positions(decays):
         assert torch.equal(H, H.transpose(-1, -2))
         eig = torch.linalg.eigvalsh(H.double())
         assert (eig[..., 0] >= -1e-6 * eig[..., -1]).all(), eig[..., 0] / eig[..., -1]
+
+
+# ---- the Triton backend ---------------------------------------------------------------------------------
+
+FP32 = dict(ratio=SPEC.ratio("triton", torch.float32))
+BF16 = dict(ratio=SPEC.ratio("triton", torch.bfloat16))
+
+
+@needs_triton
+def test_triton_float64_runs_the_chunked_form():
+    """Float64 inputs named for triton (whose kernels stop at float32) run the chunked form, bitwise."""
+    case = Case("gated_kalman", "paper", 20)
+    chunk, triton = (run(case, backend, torch.float64, DEVICE) for backend in ("chunk", "triton"))
+    assert all(torch.equal(chunk[name], triton[name]) for name in chunk)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks CPU tensors without the interpreter")
+def test_triton_needs_cuda_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = case_inputs(Case("gated_kalman", "typical", 5))
+    tensors = {name: x.float() for name, x in inputs.tensors.items()}
+    with pytest.raises(ValueError, match=r"backend 'triton' of gated_kalman needs CUDA tensors, got cpu"):
+        gated_kalman(**tensors, **inputs.settings, backend="triton")
+
+
+@needs_triton
+def test_triton_refuses_more_than_128_key_channels():
+    q = torch.zeros(1, 3, 1, 129, device=DEVICE)
+    g, beta = torch.zeros(1, 3, 1, device=DEVICE), torch.ones(1, 3, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"backend 'triton' of gated_kalman takes K <= 128 key channels, got K=129"):
+        gated_kalman(q, q, q[..., :4], g, beta, backend="triton")
+
+
+@needs_triton
+def test_triton_wide_heads_span_several_tiles():
+    """K = 72: the state passes in 2 x 2 tiles of 64 channels, the solve in one tile of 128 (56 of them
+    masked); V = 80: two value tiles in the readout. The paper's settings, against naive in float64."""
+    case = Case("gated_kalman", "paper", 70, dims=(("B", 1), ("H", 1), ("K", 72), ("V", 80)))
+    assert_all_close(reference(case), run(case, "triton", torch.float32, DEVICE), **FP32)
+
+
+@needs_triton
+@pytest.mark.parametrize("state", [0, 1], ids=["H", "U"])
+def test_triton_gradient_through_one_final_state_alone(state):
+    """A loss on the final ``H`` (``o`` and ``U`` unused: the solve's backward gets no ``dx``, the readout's
+    none is run) or on the final ``U`` (the readout's backward gets no ``do``): every gradient equals
+    naive's in float64."""
+    inputs = case_inputs(Case("gated_kalman", "alpha_half", 70, dims=(("B", 1), ("H", 1))))
+    weights = torch.randn(inputs.initial_state[state].shape, generator=torch.Generator().manual_seed(11),
+                          dtype=torch.float64)
+    grads = {}
+    for backend, dtype in (("naive", torch.float64), ("triton", torch.float32)):
+        tensors, initial_state = leaves_of(inputs, dtype, DEVICE)
+        _, final_state = gated_kalman(**tensors, **inputs.settings, initial_state=initial_state,
+                                      output_final_state=True, backend=backend)
+        loss = (final_state[state] * weights.to(DEVICE, final_state[state].dtype)).sum()
+        leaves = [*tensors.values(), *initial_state]
+        grads[backend] = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    names = [*inputs.tensors, "H0", "U0"]
+    for name, ref, out in zip(names, grads["naive"], grads["triton"], strict=True):
+        assert_close(f"d{name}", ref, out, **FP32)
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+def test_triton_custom_ops_pass_opcheck(packed):
+    """Schema, fake (meta) implementations and autograd registration of the solve's and the readout's ops."""
+    inputs = case_inputs(Case("gated_kalman", "alpha_half", 20, dims=(("B", 1), ("H", 1), ("K", 16), ("V", 16))))
+    q, k, v, g = (inputs.tensors[name].float().to(DEVICE) for name in ("q", "k", "v", "g"))
+    H0, U0 = (s.float().to(DEVICE) for s in inputs.initial_state)
+    cu_seqlens = torch.tensor([0, 7, 20], device=DEVICE) if packed else None
+    if packed:
+        H0, U0 = (s.expand(2, -1, -1, -1).contiguous() for s in (H0, U0))
+    precision = precision_for(torch.float32)
+    solve_args = (q, k, g, 0.25, 10, H0, cu_seqlens, precision)
+    torch.library.opcheck(torch.ops.linmix.gated_kalman_solve_fwd.default, solve_args)
+    x, final_H, chunk_H, norms = torch.ops.linmix.gated_kalman_solve_fwd(*solve_args)
+    torch.library.opcheck(torch.ops.linmix.gated_kalman_solve_bwd.default,
+                          (k, g, 0.25, 10, cu_seqlens, precision, torch.randn_like(x), torch.randn_like(final_H),
+                           chunk_H, norms, x))
+    readout_args = (x, k, v, g, 0.25, U0, cu_seqlens, precision)
+    torch.library.opcheck(torch.ops.linmix.gated_kalman_readout_fwd.default, readout_args)
+    o, final_U, chunk_U = torch.ops.linmix.gated_kalman_readout_fwd(*readout_args)
+    torch.library.opcheck(torch.ops.linmix.gated_kalman_readout_bwd.default,
+                          (x, k, v, g, 0.25, cu_seqlens, precision, torch.randn_like(o), torch.randn_like(final_U),
+                           chunk_U))
+
+
+@needs_triton
+def test_triton_gka_layer_compiles_without_graph_break():
+    """A whole GKA mixer on the Triton backend under ``fullgraph=True``, forward and backward, equals eager."""
+    from linmix.layers import build_mixer
+
+    torch.manual_seed(0)
+    layer = build_mixer("gka", d_model=32, n_heads=2, iters=10, backend="triton").to(DEVICE)
+    x = torch.randn(2, 70, 32, device=DEVICE, requires_grad=True)
+
+    def loss(x):
+        y, _ = layer(x)
+        return y.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    params = [x, *layer.parameters()]
+    eager_grads = torch.autograd.grad(loss(x), params)
+    compiled_grads = torch.autograd.grad(compiled(x), params)
+    for i, (ref, out) in enumerate(zip(eager_grads, compiled_grads, strict=True)):
+        assert_close(f"grad {i}", ref, out, ratio=1e-6)
+
+
+# ---- the Triton backend on the GPU (pytest -m gpu): the paper's widths, long sequences, 16-bit, packing ----
+
+GPU_SHAPES = {"K64-V64": (("B", 2), ("H", 2), ("K", 64), ("V", 64)),
+              "K128-V128": (("B", 2), ("H", 2), ("K", 128), ("V", 128))}
+# The long GPU cases compare with the chunked form in float64 on the CPU (the contract suite holds it to
+# naive on every regime): naive's per-token Gram states take T K^2 memory.
+LONG_REFERENCE = "chunk"
+
+
+@gpu_only
+@pytest.mark.parametrize("regime", ["paper", "decay_mixed"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=list(GPU_SHAPES))
+@pytest.mark.parametrize("T", [63, 1000], ids=["T63", "T1000"])
+def test_triton_gpu_float32_matches_the_reference(T, shape, regime):
+    case = Case("gated_kalman", regime, T, dims=GPU_SHAPES[shape])
+    assert_all_close(reference(case, LONG_REFERENCE), run(case, "triton", torch.float32, "cuda"), **FP32)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_gpu_16bit_matches_the_reference(dtype):
+    """16-bit inputs straight into the kernels (float32 intermediates, products in TF32), the paper's
+    settings at K = V = 128: the spec's acceptance tolerance, 1e-2."""
+    case = Case("gated_kalman", "paper", 333, dims=GPU_SHAPES["K128-V128"], rounded_to=dtype)
+    out = run(case, "triton", dtype, "cuda")
+    assert out["o"].dtype == dtype and out["final_state[0]"].dtype == torch.float32
+    assert_all_close(reference(case, LONG_REFERENCE), out, **BF16)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_gpu_packed_sequences_match_each_run_alone(dtype):
+    """Seven packed sequences of odd lengths (1 to 1000) in one launch, extreme decays."""
+    bounds = (0, 1, 8, 71, 404, 467, 1467, 1800)
+    case = Case("gated_kalman", "decay_mixed", bounds[-1], bounds=bounds, dims=(("H", 2), ("K", 64), ("V", 64)),
+                rounded_to=None if dtype == torch.float32 else dtype)
+    out = run(case, "triton", dtype, "cuda", index_dtype=torch.int32)
+    assert_all_close(reference(case, LONG_REFERENCE), out, **(FP32 if dtype == torch.float32 else BF16))

@@ -70,7 +70,8 @@ def _mode(g: torch.Tensor | None) -> int:
 def _state_block_k(K: int) -> int:
     """The key tile of the state passes: all of ``K``."""
     if K > MAX_STATE_K:
-        raise ValueError(f"backend 'triton' of delta_rule takes K <= {MAX_STATE_K} key channels, got K={K}")
+        raise ValueError(f"backend 'triton' of delta_rule takes K <= {MAX_STATE_K} key channels, got K={K}; "
+                         "pass backend='chunk' for wider heads")
     return tile_size(K, None, MAX_STATE_K)
 
 

@@ -14,6 +14,7 @@ from linmix.ops._validate import check_choice
 from linmix.ops.gated_kalman.chunk import chunk_gated_kalman
 from linmix.ops.gated_kalman.naive import State, exact_gated_kalman, gka_step, naive_gated_kalman
 from linmix.ops.gated_kalman.solve import token_solve
+from linmix.ops.gated_kalman.triton import triton_gated_kalman
 from linmix.ops.gated_kalman.validate import check_arguments, check_ranges
 
 
@@ -71,7 +72,8 @@ def gated_kalman(
         cu_seqlens: ``[N + 1]`` int32 or int64 boundaries of ``N`` sequences packed along T (``B = 1``),
             on q's device; None for a plain batch.
         backend: ``"naive"`` (token loop, Chebyshev), ``"exact"`` (token loop, ``torch.linalg.solve``;
-            ``iters`` unused), ``"chunk"`` (chunked PyTorch) or ``"auto"``.
+            ``iters`` unused), ``"chunk"`` (chunked PyTorch), ``"triton"`` (Triton kernels, ``K <= 128``)
+            or ``"auto"`` (``"triton"`` on CUDA, else ``"chunk"``).
         check_values: whether to read the gates, strengths, mixing weights and the initial Gram state
             back (one read) and check their ranges. On a GPU the read waits for the device; a caller
             whose values are in range by construction passes False. Shapes, dtypes and devices are
@@ -163,8 +165,11 @@ BACKENDS = {
     "exact": Backend(exact_gated_kalman, "token loop with exact solves (torch.linalg.solve): the ground truth",
                      max_T=2048, limit="token loop"),
     "chunk": Backend(chunk_gated_kalman, "chunked PyTorch: closed-form norms, batched Chebyshev (CPU and GPU)"),
+    "triton": Backend(triton_gated_kalman, "chunked Triton kernels: Chebyshev on chip, float32 states, K <= 128 "
+                      "(CUDA; Triton's CPU interpreter in the tests)", native_dtypes=True,
+                      varlen=True, float64=False, needs_cuda=True, interpretable=True, requires="triton"),
 }
-AUTO = ("chunk",)
+AUTO = ("triton", "chunk")
 
 OP = register_op(Op(
     name="gated_kalman",
