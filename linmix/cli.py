@@ -458,6 +458,28 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_solver(args) -> int:
+    """Run the Gated KalmaNet solver study; print its tables, optionally write JSON, and draw its two figures."""
+    from linmix.bench import write_json
+    from linmix.bench.solver import format_solver_report, plan_solver_study, plot_solver_study, run_solver_study
+
+    device = _check_device(args.device) if args.device else None
+    try:
+        plan = plan_solver_study(batch_size=args.batch_size, seq_len=args.seq_len, heads=args.heads,
+                                 head_dim=args.head_dim, ridge=args.ridge, iters=args.iters, stride=args.stride,
+                                 seed=args.seed, dtype=args.dtype, device=device)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    report = run_solver_study(plan, progress=not args.no_progress)
+    print(format_solver_report(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.plot_dir != "none":
+        for path in plot_solver_study(report, args.plot_dir):
+            print(f"wrote {path}")
+    return 0
+
+
 def _add_compile_flags(parser: argparse.ArgumentParser, default: str) -> None:
     """--compile and --compile-mode, read back by `_compile_fields`."""
     parser.add_argument("--compile", action="store_true", help=f"train through torch.compile ({default})")
@@ -596,8 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark an op's or a mixer's backends against baselines (correctness-gated), or decoding",
         description="Gate every backend against the float64 reference (the naive backend) on a small shape, then "
                     "time it on each shape and mode beside the baselines of the same run. Exits 1 if a backend fails "
-                    "the gate. `linmix bench decode` benchmarks step-by-step decoding instead, and `linmix bench "
-                    "train` training throughput (see their --help).",
+                    "the gate. `linmix bench decode` benchmarks step-by-step decoding instead, `linmix bench "
+                    "train` training throughput, and `linmix bench solver` the accuracy of the Gated KalmaNet "
+                    "solvers (see their --help).",
     )
     bench.add_argument("--list", action="store_true",
                        help="list the op entries (backends, baselines, shape sets, options) and the mixers")
@@ -626,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory roof in GB/s (default: the GPU's datasheet bandwidth, looked up by its name)")
     bench.set_defaults(run=cmd_bench)
 
-    bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode,train}")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="{decode,train,solver}")
     decode = bench_commands.add_parser(
         "decode", help="per-token latency and decoding-state memory against generated tokens",
         description="Prefill a short random prompt, then generate step by step with each preset and with an "
@@ -679,7 +702,44 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--json", metavar="OUT.json", help="write the report (machine, settings, rows; default: not written)")
     train_bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     train_bench.set_defaults(run=cmd_bench_train)
+    _add_solver_parser(bench_commands)
     return parser
+
+
+def _add_solver_parser(bench_commands) -> None:
+    """`linmix bench solver`: the Gated KalmaNet solver study (spec/gated_kalmanet.md §4)."""
+    solver = bench_commands.add_parser(
+        "solver", help="Gated KalmaNet solver study: residuals of GD, Nesterov, CG and Chebyshev, gradient errors",
+        description="Random unit keys and queries; at every --stride-th position t of each sequence (t = s-1, 2s-1, "
+                    "..., 0-based), the Gram state H_t = sum_{i<=t} k_i k_i^T / its Frobenius norm and the system "
+                    "(H_t + ridge I) x = q_t. Gradient descent (step 2/(L+mu)), Nesterov, conjugate gradient and the "
+                    "GKA Chebyshev iteration run in --dtype; report the relative residual and error of iteration "
+                    "n = 0..--iters (products with A; float64 metrics, median and p10-p90 over the systems), and the "
+                    "relative errors of the gradients of CG (implicit), Chebyshev (implicit) and Chebyshev (autograd "
+                    "through its steps) against the float64 exact solve and against autograd through the same "
+                    "solver's steps in float64.",
+    )
+    solver.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences B (default 8)")
+    solver.add_argument("--seq-len", type=_int_at_least(1), default=2048, help="tokens T per sequence (default 2048)")
+    solver.add_argument("--heads", type=_int_at_least(1), default=8, help="heads per sequence (default 8)")
+    solver.add_argument("--head-dim", type=_int_at_least(1), default=128, help="head dim D (default 128)")
+    solver.add_argument("--ridge", type=float, default=0.02,
+                        help="ridge ratio a of A = H + a ||H||_F I, > 0 (default 0.02, kappa <= 51)")
+    solver.add_argument("--iters", type=_int_at_least(1), default=30,
+                        help="products with A per solver; iterations 0..N are measured (default 30)")
+    solver.add_argument("--stride", type=_int_at_least(1), default=64,
+                        help="sample the positions t = s-1, 2s-1, ... of each sequence, T // s of them; 1 measures "
+                             "every token (default 64: 2048 systems at the default sizes)")
+    solver.add_argument("--seed", type=int, default=0, help="seed of the keys, queries and cotangents (default 0)")
+    solver.add_argument("--dtype", default="fp32", choices=["fp32", "fp64"],
+                        help="precision the solvers and gradients run in, fp32 as the kernels (default fp32)")
+    solver.add_argument("--device", help="cuda[:N] or cpu (default cuda when available)")
+    solver.add_argument("--json", metavar="OUT.json",
+                        help="write the report (machine, settings, per-iteration spreads, gradients; default: not written)")
+    solver.add_argument("--plot-dir", default="docs/figures", metavar="DIR",
+                        help="folder of solver_residuals.png and solver_gradients.png, or none (default docs/figures)")
+    solver.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    solver.set_defaults(run=cmd_bench_solver)
 
 
 def _report(args, message: object) -> None:

@@ -117,6 +117,14 @@ CASES = [
     ("bench_unknown_op", ["bench", "--op", "bogus", "--device", "cpu"], "bogus"),
     ("bench_without_op", ["bench", "--device", "cpu"], "--op"),
     ("bench_decode_unknown_preset", ["bench", "decode", "--presets", "bogus", "--device", "cpu"], "bogus"),
+    ("bench_solver_stride_beyond_seq_len", ["bench", "solver", "--seq-len", "16", "--stride", "32", "--device", "cpu"],
+     "--stride"),
+    ("bench_solver_ridge_zero", ["bench", "solver", "--ridge", "0", "--device", "cpu"], "--ridge"),
+    ("bench_solver_ridge_nan", ["bench", "solver", "--ridge", "nan", "--device", "cpu"], "--ridge"),
+    ("bench_solver_iters_zero", ["bench", "solver", "--iters", "0"], "--iters"),
+    ("bench_solver_head_dim_text", ["bench", "solver", "--head-dim", "big"], "--head-dim"),
+    ("bench_solver_dtype_bf16", ["bench", "solver", "--dtype", "bf16"], "--dtype"),
+    ("bench_solver_device_bogus", ["bench", "solver", "--device", "tpu"], "--device"),
     ("synth_unknown_task", ["synth", "--task", "sorting", "--out", "{TMP}/synth"], "sorting"),
     ("synth_unknown_mixer", ["synth", "--task", "mqar", "--mixers", "lstm", "--out", "{TMP}/synth"], "lstm"),
     ("synth_bad_cell", ["synth", "--task", "mqar", "--cells", "64:x", "--out", "{TMP}/synth"], "64:x"),
@@ -126,7 +134,8 @@ CASES = [
 if not torch.cuda.is_available():
     CASES += [("train_cuda_without_gpu", _train("--device", "cuda", "--out", "{TMP}/g"), "no CUDA device"),
               ("eval_cuda_without_gpu", ["eval", "--ckpt", "{CKPT}", "--device", "cuda"], "no CUDA device"),
-              ("sample_cuda_without_gpu", ["sample", "--ckpt", "{CKPT}", "--device", "cuda"], "no CUDA device")]
+              ("sample_cuda_without_gpu", ["sample", "--ckpt", "{CKPT}", "--device", "cuda"], "no CUDA device"),
+              ("bench_solver_cuda_without_gpu", ["bench", "solver", "--device", "cuda"], "no CUDA device")]
 
 
 @pytest.mark.parametrize("argv, fragment", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
