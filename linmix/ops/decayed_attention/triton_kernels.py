@@ -39,39 +39,11 @@ sequence and position in it, and ``chunk_offsets [N]`` every sequence's first ch
 import triton
 import triton.language as tl
 
+from linmix.ops.common.triton_kernels import chunk_bounds, sequence_bounds
+
 # Integer arguments that change with the sequence lengths: not specialised, so that a new length
 # does not compile the kernels again.
 SEQUENCE_ARGS = ["T", "NT"]
-
-
-@triton.jit
-def _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, t0)`` of chunk ``i_n``: its sequence's first row, one past its last row, its own first row."""
-    if IS_VARLEN:
-        i_s = tl.load(chunk_indices + 2 * i_n).to(tl.int64)
-        i_c = tl.load(chunk_indices + 2 * i_n + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-    else:
-        i_s = tl.cast(i_n, tl.int64) // NT
-        i_c = tl.cast(i_n, tl.int64) % NT
-        bos = i_s * T
-        eos = bos + T
-    return bos, eos, bos + i_c * BT
-
-
-@triton.jit
-def _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, n0)`` of sequence ``i_s``: first row, one past the last, index of its first chunk."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-        n0 = tl.load(chunk_offsets + i_s).to(tl.int64)
-    else:
-        bos = tl.cast(i_s, tl.int64) * T
-        eos = bos + T
-        n0 = tl.cast(i_s, tl.int64) * NT
-    return bos, eos, n0
 
 
 @triton.jit
@@ -225,7 +197,7 @@ def chunk_states_kernel(
     """
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     k += i_h * K
     v += i_h * V
     c += i_h * K
@@ -277,7 +249,7 @@ def chunk_scores_kernel(
     ``A`` whole, with zeros above the diagonal.
     """
     i_c, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     r0 = t0 + i_c * BC
     if r0 < eos:
         q += i_h * K
@@ -323,7 +295,7 @@ def chunk_output_kernel(
 ):
     """``o = scale (q exp(c) h + A v)`` for one chunk and one ``BV`` tile. Grid ``(NV, NC, H)``."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     c += i_h * K
     g += i_h * K
@@ -356,7 +328,7 @@ def chunk_dstates_kernel(
     """
     i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     q += i_h * K
     c += i_h * K
     g += i_h * K
@@ -401,7 +373,7 @@ def chunk_dscores_kernel(
 ):
     """``dA = scale do v^T`` inside every chunk, zero above the diagonal. Grid ``(1, NC, H)``; loops over ``V``."""
     i_n, i_h = tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     v += i_h * V
     do += i_h * V
     dA += i_h * BT
@@ -423,7 +395,7 @@ def chunk_dv_kernel(
 ):
     """``dv = scale A^T do + (k exp(c_last - c)) dh`` for one chunk and one ``BV`` tile. Grid ``(NV, NC, H)``."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     k += i_h * K
     c += i_h * K
     g += i_h * K
@@ -461,7 +433,7 @@ def chunk_dqk_intra_kernel(
     """
     i_k, i_nb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, blk = i_nb // (BT // BC), i_nb % (BT // BC)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     r0 = t0 + blk * BC
     if r0 < eos:
         q += i_h * K
@@ -538,7 +510,7 @@ def chunk_dqk_kernel(
     written in its pointer's dtype, ``[B, T, H, K]``.
     """
     i_k, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     k += i_h * K
     c += i_h * K

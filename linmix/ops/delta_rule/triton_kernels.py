@@ -45,6 +45,15 @@ import os
 import triton
 import triton.language as tl
 
+from linmix.ops.common.triton_kernels import (
+    chunk_bounds,
+    load_tile,
+    load_vec,
+    sequence_bounds,
+    store_tile,
+    store_vec,
+)
+
 # Integer arguments that change with the sequence lengths: not specialised (no recompilation per length).
 SEQUENCE_ARGS = ["T", "NT"]
 # Heads wider than ``SMALL_HEAD`` channels: with Triton's default 3 pipeline stages the float32 tiles
@@ -78,73 +87,6 @@ def tuned(num_warps: int):
 
 
 # ---- addressing ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, t0)`` of chunk ``i_n``: its sequence's first row, one past its last row, its own first row."""
-    if IS_VARLEN:
-        i_s = tl.load(chunk_indices + 2 * i_n).to(tl.int64)
-        i_c = tl.load(chunk_indices + 2 * i_n + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-    else:
-        i_s = tl.cast(i_n, tl.int64) // NT
-        i_c = tl.cast(i_n, tl.int64) % NT
-        bos = i_s * T
-        eos = bos + T
-    return bos, eos, bos + i_c * BT
-
-
-@triton.jit
-def _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, n0)`` of sequence ``i_s``: first row, one past the last, index of its first chunk."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-        n0 = tl.load(chunk_offsets + i_s).to(tl.int64)
-    else:
-        bos = tl.cast(i_s, tl.int64) * T
-        eos = bos + T
-        n0 = tl.cast(i_s, tl.int64) * NT
-    return bos, eos, n0
-
-
-@triton.jit
-def _load(ptr, row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.constexpr):
-    """``ptr[row0:row0 + R, col0:col0 + C]`` of a row-major matrix, zero at rows ``>= row_end``, cols ``>= n_cols``."""
-    rows = tl.arange(0, R)
-    cols = col0 + tl.arange(0, C)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + row0 * row_stride + (rows[:, None] * row_stride + cols[None, :]), mask=mask, other=0.0)
-
-
-@triton.jit
-def _store(ptr, value, row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.constexpr):
-    """Store the ``[R, C]`` tile ``value`` at ``ptr[row0:, col0:]`` in the pointer's dtype, inside the bounds."""
-    rows = tl.arange(0, R)
-    cols = col0 + tl.arange(0, C)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + row0 * row_stride + (rows[:, None] * row_stride + cols[None, :]),
-             value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _vec(ptr, row0, stride, row_end, R: tl.constexpr):
-    """``ptr[(row0 + r) * stride]`` for ``r < R`` as float32 ``[R]``, zero at rows ``>= row_end``."""
-    rows = tl.arange(0, R)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    return tl.load(ptr + row0 * stride + rows * stride, mask=rows < n_rows, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_vec(ptr, value, row0, stride, row_end, R: tl.constexpr):
-    """Store ``value [R]`` at ``ptr[(row0 + r) * stride]`` for rows ``< row_end``."""
-    rows = tl.arange(0, R)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    tl.store(ptr + row0 * stride + rows * stride, value.to(ptr.dtype.element_ty), mask=rows < n_rows)
 
 
 @triton.jit
@@ -184,7 +126,7 @@ def _segsum(g, BT: tl.constexpr):
 def _scalar_ends(g, t0, eos, HV, BT: tl.constexpr):
     """A scalar decay's chunk: ``g [BT]``, ``G`` (from the chunk start, inclusive), ``suffix`` (after ``j`` to
     the chunk end) and the chunk's total. Rows past ``eos`` have ``g = 0``."""
-    g_c = _vec(g, t0, HV, eos, BT)
+    g_c = load_vec(g, t0, HV, eos, BT)
     G = tl.cumsum(g_c, axis=0)
     suffix = tl.minimum(tl.cumsum(g_c, axis=0, reverse=True) - g_c, 0.0)
     return g_c, G, suffix, tl.sum(g_c, axis=0)
@@ -201,7 +143,7 @@ def _scalar_gamma(g_c, BT: tl.constexpr):
 def _channel_decay(g, t0, eos, ck0, K, HV, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """A per-channel decay's ``[BT, BK]`` tile: ``G`` (from the chunk start), ``L`` (from the start of the
     row's sub-block), ``suffix`` (after the row to the chunk end) and the chunk's total ``[BK]``."""
-    g_t = _load(g, t0, ck0, HV * K, eos, K, BT, BK).to(tl.float32)
+    g_t = load_tile(g, t0, ck0, HV * K, eos, K, BT, BK).to(tl.float32)
     G = tl.cumsum(g_t, axis=0)
     L = tl.reshape(tl.cumsum(tl.reshape(g_t, (BT // BC, BC, BK)), axis=1), (BT, BK))
     suffix = tl.minimum(tl.cumsum(g_t, axis=0, reverse=True) - g_t, 0.0)
@@ -382,7 +324,7 @@ def precond_forward_kernel(
     """
     i_k, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     k += i_h * K
     kw += i_h * K
     gp += i_h
@@ -398,12 +340,12 @@ def precond_forward_kernel(
     for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
         tl.store(a_starts + ((n0 + i) * H + i_h) * K + cols, A, mask=cols < K)
-        k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        g_c = _vec(gp, t0, H, eos, BT)
-        b_c = _vec(bp, t0, H, eos, BT)
+        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        g_c = load_vec(gp, t0, H, eos, BT)
+        b_c = load_vec(bp, t0, H, eos, BT)
         stats, _, _ = _stats(k_c, g_c, b_c, A, BT)
         gain, _ = _gain(stats, c, log_x, eps)
-        _store(kw, gain * k_c, t0, ck0, H * K, eos, K, BT, BK)
+        store_tile(kw, gain * k_c, t0, ck0, H * K, eos, K, BT, BK)
         A = _row(stats, BT - 1, BT)  # rows past the end add nothing (g = 0, beta = 0)
     tl.store(a_final + boundary + cols, A, mask=cols < K)
 
@@ -426,7 +368,7 @@ def precond_backward_kernel(
     i_k, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_h = i_sh // H, i_sh % H
     NK = tl.num_programs(0)
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     k += i_h * K
     dkw += i_h * K
     dk += i_h * K
@@ -449,21 +391,21 @@ def precond_backward_kernel(
         n = n_chunks - 1 - i
         t0 = bos + n * BT
         A = tl.load(a_starts + ((n0 + n) * H + i_h) * K + cols, mask=cols < K, other=0.0)
-        k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        g_c = _vec(gp, t0, H, eos, BT)
-        b_c = _vec(bp, t0, H, eos, BT)
+        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        g_c = load_vec(gp, t0, H, eos, BT)
+        b_c = load_vec(bp, t0, H, eos, BT)
         stats, decay, segsum = _stats(k_c, g_c, b_c, A, BT)
         gain, r = _gain(stats, c, log_x, eps)
-        dkw_c = _load(dkw, t0, ck0, H * K, eos, K, BT, BK)
+        dkw_c = load_tile(dkw, t0, ck0, H * K, eos, K, BT, BK)
         squash = 1.0 + tl.abs(r)
         dr = dkw_c * k_c * gain * (-log_x) / (squash * squash)
         dc += tl.sum(dr, axis=0)
         suffix = _row(segsum, BT - 1, BT)  # [BT]: sum of g after t to the chunk end
         lam = _mm32(tl.trans(decay), dr / (stats + eps)) + tl.exp(tl.minimum(suffix, 0.0))[:, None] * carry[None, :]
         written = b_c[:, None] * k_c * k_c
-        _store(dk, gain * dkw_c + 2.0 * lam * b_c[:, None] * k_c, t0, ck0, H * K, eos, K, BT, BK)
-        _store_vec(dbp, tl.sum(lam * k_c * k_c, axis=1), t0, H, eos, BT)
-        _store_vec(dgp, tl.sum(lam * (stats - written), axis=1), t0, H, eos, BT)
+        store_tile(dk, gain * dkw_c + 2.0 * lam * b_c[:, None] * k_c, t0, ck0, H * K, eos, K, BT, BK)
+        store_vec(dbp, tl.sum(lam * k_c * k_c, axis=1), t0, H, eos, BT)
+        store_vec(dgp, tl.sum(lam * (stats - written), axis=1), t0, H, eos, BT)
         carry = tl.exp(tl.sum(tl.where(rows == 0, g_c, 0.0), axis=0)) * _row(lam, 0, BT)
     tl.store(da0 + boundary + cols, carry, mask=cols < K)
     tl.store(dcenter + tl.cast(i_sh, tl.int64) * NK + i_k, -tl.sum(dc, axis=0))
@@ -486,7 +428,7 @@ def chunk_prepare_kernel(
     """
     i_n, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     k += i_h * K
     kw += i_h * K
@@ -501,14 +443,14 @@ def chunk_prepare_kernel(
     else:
         g += i_hv
     rows = tl.arange(0, BT)
-    b_c = _vec(beta, t0, HV, eos, BT)
+    b_c = load_vec(beta, t0, HV, eos, BT)
     G1 = tl.zeros([BT], dtype=tl.float32)
     a_kk = tl.zeros([BT, BT], dtype=tl.float32)
     a_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for ck0 in range(0, K, BK):
-        q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
-        k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        kw_c = _load(kw, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        q_c = load_tile(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
+        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        kw_c = load_tile(kw, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
         if MODE == 2:
             G, L, _, _ = _channel_decay(g, t0, eos, ck0, K, HV, BT, BC, BK)
             kk, qk = _channel_scores(k_c, q_c, kw_c, kw, g, t0, eos, ck0, K, H * K, HV * K, G, L, BT, BC, BK,
@@ -525,20 +467,20 @@ def chunk_prepare_kernel(
         a_qk = a_qk * gamma
     a_kk = tl.where(rows[:, None] > rows[None, :], b_c[:, None] * a_kk, 0.0)
     a_qk = tl.where(rows[:, None] >= rows[None, :], a_qk, 0.0)
-    _store(aqk, a_qk, t0, 0, HV * BT, eos, BT, BT, BT)
+    store_tile(aqk, a_qk, t0, 0, HV * BT, eos, BT, BT, BT)
     t_inv = _unit_lower_inverse(a_kk, BT, BC)
-    _store(ainv, t_inv, t0, 0, HV * BT, eos, BT, BT, BT)
+    store_tile(ainv, t_inv, t0, 0, HV * BT, eos, BT, BT, BT)
     for ck0 in range(0, K, BK):
-        rhs = b_c[:, None] * _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        rhs = b_c[:, None] * load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
         if MODE == 1:
             rhs = rhs * tl.exp(G1)[:, None]
         if MODE == 2:
             G, _, _, _ = _channel_decay(g, t0, eos, ck0, K, HV, BT, BC, BK)
             rhs = rhs * tl.exp(G)
-        _store(w, _mm(t_inv, rhs, PRECISION, DOT_DTYPE), t0, ck0, HV * K, eos, K, BT, BK)
+        store_tile(w, _mm(t_inv, rhs, PRECISION, DOT_DTYPE), t0, ck0, HV * K, eos, K, BT, BK)
     for cv0 in range(0, V, BV):
-        rhs = b_c[:, None] * _load(v, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
-        _store(u, _mm(t_inv, rhs, PRECISION, DOT_DTYPE), t0, cv0, HV * V, eos, V, BT, BV)
+        rhs = b_c[:, None] * load_tile(v, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
+        store_tile(u, _mm(t_inv, rhs, PRECISION, DOT_DTYPE), t0, cv0, HV * V, eos, V, BT, BV)
 
 
 @tuned(num_warps=8)
@@ -556,7 +498,7 @@ def chunk_states_kernel(
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_hv = i_sh // HV, i_sh % HV
     i_h = i_hv // (HV // H)
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     kw += i_h * K
     w += i_hv * K
     u += i_hv * V
@@ -568,16 +510,16 @@ def chunk_states_kernel(
     cv0 = i_v * BV
     boundary = tl.cast(i_sh, tl.int64) * K * V
     if HAS_H0:
-        state = _load(h0 + boundary, 0, cv0, V, K, V, BK, BV).to(tl.float32)
+        state = load_tile(h0 + boundary, 0, cv0, V, K, V, BK, BV).to(tl.float32)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
-        _store(h + ((n0 + i) * HV + i_hv) * K * V, state, 0, cv0, V, K, V, BK, BV)
-        w_c = _load(w, t0, 0, HV * K, eos, K, BT, BK)
-        v_new = _load(u, t0, cv0, HV * V, eos, V, BT, BV) - _mm(w_c, state, PRECISION, DOT_DTYPE)
-        _store(vn, v_new, t0, cv0, HV * V, eos, V, BT, BV)
-        kw_c = _load(kw, t0, 0, H * K, eos, K, BT, BK).to(tl.float32)
+        store_tile(h + ((n0 + i) * HV + i_hv) * K * V, state, 0, cv0, V, K, V, BK, BV)
+        w_c = load_tile(w, t0, 0, HV * K, eos, K, BT, BK)
+        v_new = load_tile(u, t0, cv0, HV * V, eos, V, BT, BV) - _mm(w_c, state, PRECISION, DOT_DTYPE)
+        store_tile(vn, v_new, t0, cv0, HV * V, eos, V, BT, BV)
+        kw_c = load_tile(kw, t0, 0, H * K, eos, K, BT, BK).to(tl.float32)
         if MODE == 1:
             _, _, suffix, total = _scalar_ends(g, t0, eos, HV, BT)
             kw_c = kw_c * tl.exp(suffix)[:, None]
@@ -587,7 +529,7 @@ def chunk_states_kernel(
             kw_c = kw_c * tl.exp(suffix)
             state = state * tl.exp(total)[:, None]
         state += _mm(tl.trans(kw_c), v_new, PRECISION, DOT_DTYPE)
-    _store(ht + boundary, state, 0, cv0, V, K, V, BK, BV)
+    store_tile(ht + boundary, state, 0, cv0, V, K, V, BK, BV)
 
 
 @tuned(num_warps=4)
@@ -600,7 +542,7 @@ def chunk_output_kernel(
     """``o = (q e^G) S + A_qk Vn`` for one chunk and one ``BV`` tile. Grid ``(NV, NC, HV)``."""
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     aqk += i_hv * BT
     vn += i_hv * V
@@ -616,16 +558,16 @@ def chunk_output_kernel(
     if MODE == 1:
         _, G1, _, _ = _scalar_ends(g, t0, eos, HV, BT)
     for ck0 in range(0, K, BK):
-        q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
+        q_c = load_tile(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
         if MODE == 1:
             q_c = q_c * tl.exp(G1)[:, None]
         if MODE == 2:
             G, _, _, _ = _channel_decay(g, t0, eos, ck0, K, HV, BT, BC, BK)
             q_c = q_c * tl.exp(G)
-        out += _mm(q_c, _load(h, ck0, cv0, V, K, V, BK, BV), PRECISION, DOT_DTYPE)
-    out += _mm(_load(aqk, t0, 0, HV * BT, eos, BT, BT, BT), _load(vn, t0, cv0, HV * V, eos, V, BT, BV),
+        out += _mm(q_c, load_tile(h, ck0, cv0, V, K, V, BK, BV), PRECISION, DOT_DTYPE)
+    out += _mm(load_tile(aqk, t0, 0, HV * BT, eos, BT, BT, BT), load_tile(vn, t0, cv0, HV * V, eos, V, BT, BV),
                PRECISION, DOT_DTYPE)
-    _store(o, out, t0, cv0, HV * V, eos, V, BT, BV)
+    store_tile(o, out, t0, cv0, HV * V, eos, V, BT, BV)
 
 
 # ---- backward -----------------------------------------------------------------------------------------
@@ -648,7 +590,7 @@ def chunk_dstates_kernel(
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_hv = i_sh // HV, i_sh % HV
     i_h = i_hv // (HV // H)
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     q += i_h * K
     kw += i_h * K
     w += i_hv * K
@@ -662,17 +604,17 @@ def chunk_dstates_kernel(
     cv0 = i_v * BV
     boundary = tl.cast(i_sh, tl.int64) * K * V
     if HAS_DHT:
-        dstate = _load(dht + boundary, 0, cv0, V, K, V, BK, BV).to(tl.float32)
+        dstate = load_tile(dht + boundary, 0, cv0, V, K, V, BK, BV).to(tl.float32)
     else:
         dstate = tl.zeros([BK, BV], dtype=tl.float32)
     n_chunks = tl.cdiv(eos - bos, BT)
     for i in range(n_chunks):
         n = n_chunks - 1 - i
         t0 = bos + n * BT
-        _store(dh + ((n0 + n) * HV + i_hv) * K * V, dstate, 0, cv0, V, K, V, BK, BV)
-        q_c = _load(q, t0, 0, H * K, eos, K, BT, BK).to(tl.float32) * scale
-        kw_c = _load(kw, t0, 0, H * K, eos, K, BT, BK).to(tl.float32)
-        do_c = _load(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
+        store_tile(dh + ((n0 + n) * HV + i_hv) * K * V, dstate, 0, cv0, V, K, V, BK, BV)
+        q_c = load_tile(q, t0, 0, H * K, eos, K, BT, BK).to(tl.float32) * scale
+        kw_c = load_tile(kw, t0, 0, H * K, eos, K, BT, BK).to(tl.float32)
+        do_c = load_tile(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
         if MODE == 1:
             _, G, suffix, total = _scalar_ends(g, t0, eos, HV, BT)
             q_c = q_c * tl.exp(G)[:, None]
@@ -681,16 +623,16 @@ def chunk_dstates_kernel(
             G, _, suffix, total = _channel_decay(g, t0, eos, 0, K, HV, BT, BC, BK)
             q_c = q_c * tl.exp(G)
             kw_c = kw_c * tl.exp(suffix)
-        a_c = _load(aqk, t0, 0, HV * BT, eos, BT, BT, BT)
+        a_c = load_tile(aqk, t0, 0, HV * BT, eos, BT, BT, BT)
         dv_new = _mm(tl.trans(a_c), do_c, PRECISION, DOT_DTYPE) + _mm(kw_c, dstate, PRECISION, DOT_DTYPE)
-        _store(dvn, dv_new, t0, cv0, HV * V, eos, V, BT, BV)
+        store_tile(dvn, dv_new, t0, cv0, HV * V, eos, V, BT, BV)
         if MODE == 1:
             dstate = dstate * tl.exp(total)
         if MODE == 2:
             dstate = dstate * tl.exp(total)[:, None]
-        w_c = _load(w, t0, 0, HV * K, eos, K, BT, BK)
+        w_c = load_tile(w, t0, 0, HV * K, eos, K, BT, BK)
         dstate += _mm(tl.trans(q_c), do_c, PRECISION, DOT_DTYPE) - _mm(tl.trans(w_c), dv_new, PRECISION, DOT_DTYPE)
-    _store(dh0 + boundary, dstate, 0, cv0, V, K, V, BK, BV)
+    store_tile(dh0 + boundary, dstate, 0, cv0, V, K, V, BK, BV)
 
 
 @tuned(num_warps=8)
@@ -716,7 +658,7 @@ def chunk_grads_kernel(
     """
     i_n, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     k += i_h * K
     kw += i_h * K
@@ -741,19 +683,19 @@ def chunk_grads_kernel(
     dh += (tl.cast(i_n, tl.int64) * HV + i_hv) * K * V
     rows = tl.arange(0, BT)
     strict = rows[:, None] > rows[None, :]
-    b_c = _vec(beta, t0, HV, eos, BT)
-    t_inv = _load(ainv, t0, 0, HV * BT, eos, BT, BT, BT)
+    b_c = load_vec(beta, t0, HV, eos, BT)
+    t_inv = load_tile(ainv, t0, 0, HV * BT, eos, BT, BT, BT)
 
     # The value side: dv, dbeta's value part, and the interactions' gradients.
     db_c = tl.zeros([BT], dtype=tl.float32)
     da_kk = tl.zeros([BT, BT], dtype=tl.float32)
     da_qk = tl.zeros([BT, BT], dtype=tl.float32)
     for cv0 in range(0, V, BV):
-        do_c = _load(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
-        vn_c = _load(vn, t0, cv0, HV * V, eos, V, BT, BV)
-        rhs_grad = _mm(tl.trans(t_inv), _load(dvn, t0, cv0, HV * V, eos, V, BT, BV), PRECISION, DOT_DTYPE)
-        v_c = _load(v, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
-        _store(dv, b_c[:, None] * rhs_grad, t0, cv0, HV * V, eos, V, BT, BV)
+        do_c = load_tile(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
+        vn_c = load_tile(vn, t0, cv0, HV * V, eos, V, BT, BV)
+        rhs_grad = _mm(tl.trans(t_inv), load_tile(dvn, t0, cv0, HV * V, eos, V, BT, BV), PRECISION, DOT_DTYPE)
+        v_c = load_tile(v, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
+        store_tile(dv, b_c[:, None] * rhs_grad, t0, cv0, HV * V, eos, V, BT, BV)
         db_c += tl.sum(rhs_grad * v_c, axis=1)
         da_kk -= _mm(rhs_grad, tl.trans(vn_c), PRECISION, DOT_DTYPE)
         da_qk += _mm(do_c, tl.trans(vn_c), PRECISION, DOT_DTYPE)
@@ -779,18 +721,18 @@ def chunk_grads_kernel(
         dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # D S^T
         through = tl.zeros([BK], dtype=tl.float32)  # sum_V S dS
         for cv0 in range(0, V, BV):
-            do_c = _load(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
-            vn_c = _load(vn, t0, cv0, HV * V, eos, V, BT, BV)
-            rhs_grad = _mm(tl.trans(t_inv), _load(dvn, t0, cv0, HV * V, eos, V, BT, BV), PRECISION, DOT_DTYPE)
-            state = _load(h, ck0, cv0, V, K, V, BK, BV)
-            dstate = _load(dh, ck0, cv0, V, K, V, BK, BV)
+            do_c = load_tile(do, t0, cv0, HV * V, eos, V, BT, BV).to(tl.float32)
+            vn_c = load_tile(vn, t0, cv0, HV * V, eos, V, BT, BV)
+            rhs_grad = _mm(tl.trans(t_inv), load_tile(dvn, t0, cv0, HV * V, eos, V, BT, BV), PRECISION, DOT_DTYPE)
+            state = load_tile(h, ck0, cv0, V, K, V, BK, BV)
+            dstate = load_tile(dh, ck0, cv0, V, K, V, BK, BV)
             dq_state += _mm(do_c, tl.trans(state), PRECISION, DOT_DTYPE)
             dkw_state += _mm(vn_c, tl.trans(dstate), PRECISION, DOT_DTYPE)
             dk_state += _mm(rhs_grad, tl.trans(state), PRECISION, DOT_DTYPE)
             through += tl.sum(state * dstate, axis=1)
-        q_c = _load(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
-        k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        kw_c = _load(kw, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        q_c = load_tile(q, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32) * scale
+        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
+        kw_c = load_tile(kw, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
         bk = b_c[:, None] * k_c
         if MODE == 2:
             G, L, suffix, total = _channel_decay(g, t0, eos, ck0, K, HV, BT, BC, BK)
@@ -812,21 +754,21 @@ def chunk_grads_kernel(
         dkw_c = dkw_state + dkw_pairs + lag0[:, None] * q_c
         dk_c = b_c[:, None] * (dbk_pair - from_start * dk_state)
         db_c += tl.sum(k_c * dbk_pair, axis=1) - tl.sum(k_c * from_start * dk_state, axis=1)
-        _store(dq, dq_c * scale, t0, ck0, HV * K, eos, K, BT, BK)
-        _store(dk, dk_c, t0, ck0, HV * K, eos, K, BT, BK)
-        _store(dkw, dkw_c, t0, ck0, HV * K, eos, K, BT, BK)
+        store_tile(dq, dq_c * scale, t0, ck0, HV * K, eos, K, BT, BK)
+        store_tile(dk, dk_c, t0, ck0, HV * K, eos, K, BT, BK)
+        store_tile(dkw, dkw_c, t0, ck0, HV * K, eos, K, BT, BK)
         if MODE != 0:
             x = q_c * (dq_state + dq_pair) - kw_c * dkw_pairs + bk * dbk_pair - through_w
             y = kw_c * dkw_state
             if MODE == 2:
                 last = through * tl.exp(total)  # [BK]
                 dg_c = tl.cumsum(x, axis=0, reverse=True) + (tl.cumsum(y, axis=0) - y) + last[None, :]
-                _store(dg, dg_c, t0, ck0, HV * K, eos, K, BT, BK)
+                store_tile(dg, dg_c, t0, ck0, HV * K, eos, K, BT, BK)
             else:
                 x_sum += tl.sum(x, axis=1)
                 y_sum += tl.sum(y, axis=1)
                 last_sum += tl.sum(through, axis=0) * tl.exp(total1)
     if MODE == 1:
         dg_c = tl.cumsum(x_sum, axis=0, reverse=True) + (tl.cumsum(y_sum, axis=0) - y_sum) + last_sum
-        _store_vec(dg, dg_c, t0, HV, eos, BT)
-    _store_vec(dbeta, db_c, t0, HV, eos, BT)
+        store_vec(dg, dg_c, t0, HV, eos, BT)
+    store_vec(dbeta, db_c, t0, HV, eos, BT)

@@ -49,6 +49,15 @@ in it and ``chunk_offsets [N]`` every sequence's first chunk.
 import triton
 import triton.language as tl
 
+from linmix.ops.common.triton_kernels import (
+    chunk_bounds,
+    load_tile,
+    load_vec,
+    sequence_bounds,
+    store_tile,
+    store_vec,
+)
+
 # Integer arguments that change with the sequence lengths: not specialised (no recompilation per length).
 SEQUENCE_ARGS = ["T", "NT"]
 
@@ -57,56 +66,9 @@ SEQUENCE_ARGS = ["T", "NT"]
 
 
 @triton.jit
-def _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, t0)`` of chunk ``i_n``: its sequence's first row, one past its last row, its own first row."""
-    if IS_VARLEN:
-        i_s = tl.load(chunk_indices + 2 * i_n).to(tl.int64)
-        i_c = tl.load(chunk_indices + 2 * i_n + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-    else:
-        i_s = tl.cast(i_n, tl.int64) // NT
-        i_c = tl.cast(i_n, tl.int64) % NT
-        bos = i_s * T
-        eos = bos + T
-    return bos, eos, bos + i_c * BT
-
-
-@triton.jit
-def _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
-    """``(bos, eos, n0)`` of sequence ``i_s``: first row, one past the last, index of its first chunk."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_s).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_s + 1).to(tl.int64)
-        n0 = tl.load(chunk_offsets + i_s).to(tl.int64)
-    else:
-        bos = tl.cast(i_s, tl.int64) * T
-        eos = bos + T
-        n0 = tl.cast(i_s, tl.int64) * NT
-    return bos, eos, n0
-
-
-@triton.jit
 def _load(ptr, row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.constexpr):
-    """``ptr[row0:row0 + R, col0:col0 + C]`` of a row-major matrix as float32, zero at rows ``>= row_end``
-    and columns ``>= n_cols``."""
-    rows = tl.arange(0, R)
-    cols = col0 + tl.arange(0, C)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + row0 * row_stride + (rows[:, None] * row_stride + cols[None, :]), mask=mask,
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, value, row0, col0, row_stride, row_end, n_cols, R: tl.constexpr, C: tl.constexpr):
-    """Store the ``[R, C]`` tile ``value`` at ``ptr[row0:, col0:]`` in the pointer's dtype, inside the bounds."""
-    rows = tl.arange(0, R)
-    cols = col0 + tl.arange(0, C)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + row0 * row_stride + (rows[:, None] * row_stride + cols[None, :]),
-             value.to(ptr.dtype.element_ty), mask=mask)
+    """``load_tile`` as float32."""
+    return load_tile(ptr, row0, col0, row_stride, row_end, n_cols, R, C).to(tl.float32)
 
 
 @triton.jit
@@ -117,22 +79,6 @@ def _load_transposed(ptr, row0, col0, n, R: tl.constexpr, C: tl.constexpr):
     cols = col0 + tl.arange(0, C)
     mask = (rows[:, None] < n) & (cols[None, :] < n)
     return tl.load(ptr + rows[:, None] + cols[None, :] * n, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _vec(ptr, row0, stride, row_end, R: tl.constexpr):
-    """``ptr[(row0 + r) * stride]`` for ``r < R`` as float32 ``[R]``, zero at rows ``>= row_end``."""
-    rows = tl.arange(0, R)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    return tl.load(ptr + row0 * stride + rows * stride, mask=rows < n_rows, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_vec(ptr, value, row0, stride, row_end, R: tl.constexpr):
-    """Store ``value [R]`` at ``ptr[(row0 + r) * stride]`` for rows ``< row_end``."""
-    rows = tl.arange(0, R)
-    n_rows = row_end - row0  # no cast: an argument equal to 1 (K = 1) is a compile-time constant
-    tl.store(ptr + row0 * stride + rows * stride, value.to(ptr.dtype.element_ty), mask=rows < n_rows)
 
 
 @triton.jit
@@ -148,7 +94,7 @@ def _mm(a, b, PRECISION: tl.constexpr):
 def _decay_ends(g, t0, eos, H, BT: tl.constexpr):
     """A chunk's scalar log decays ``g [BT]`` (0 past ``eos``): ``G`` (from the chunk start, inclusive),
     the chunk's total ``G_C`` and ``to_end = exp(G_C - G)`` ``[BT]``."""
-    g_c = _vec(g, t0, H, eos, BT)
+    g_c = load_vec(g, t0, H, eos, BT)
     rows = tl.arange(0, BT)
     suffix = tl.sum(tl.where(rows[:, None] > rows[None, :], g_c[:, None], 0.0), axis=0)  # [j]: sum_{r > j} g_r
     return tl.cumsum(g_c, axis=0), tl.sum(g_c, axis=0), tl.exp(tl.minimum(suffix, 0.0))
@@ -158,7 +104,7 @@ def _decay_ends(g, t0, eos, H, BT: tl.constexpr):
 def _decay_mask(g, t0, eos, H, BT: tl.constexpr):
     """``M [BT, BT]``: ``exp(G_t - G_j)`` for ``j <= t``, 0 above, each exponent summed along its own span
     (a cumulative sum down every column of the steps after ``j``), so it is exact to that span's rounding."""
-    g_c = _vec(g, t0, H, eos, BT)
+    g_c = load_vec(g, t0, H, eos, BT)
     rows = tl.arange(0, BT)
     steps = tl.where(rows[:, None] > rows[None, :], g_c[:, None], 0.0)
     return tl.where(rows[:, None] >= rows[None, :], tl.exp(tl.minimum(tl.cumsum(steps, axis=0), 0.0)), 0.0)
@@ -197,7 +143,7 @@ def chunk_states_kernel(
     """
     i_k, i_y, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     k += i_h * K
     y += i_h * Y
     g += i_h
@@ -209,12 +155,12 @@ def chunk_states_kernel(
         state = tl.zeros([BK, BY], dtype=tl.float32)
     for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
-        _store(states + ((n0 + i) * H + i_h) * K * Y, state, ck0, cy0, Y, K, Y, BK, BY)
+        store_tile(states + ((n0 + i) * H + i_h) * K * Y, state, ck0, cy0, Y, K, Y, BK, BY)
         _, total, to_end = _decay_ends(g, t0, eos, H, BT)
         k_c = _load(k, t0, ck0, H * K, eos, K, BT, BK) * to_end[:, None]  # [BT, BK]
         y_c = _load(y, t0, cy0, H * Y, eos, Y, BT, BY)  # [BT, BY]
         state = state * tl.exp(total) + _mm(tl.trans(k_c), y_c, PRECISION)
-    _store(final + boundary, state, ck0, cy0, Y, K, Y, BK, BY)
+    store_tile(final + boundary, state, ck0, cy0, Y, K, Y, BK, BY)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS + ["iters"])
@@ -231,7 +177,7 @@ def chunk_solve_kernel(
     gradient is 0), reading the forward's ``x``. ``hc [NC, H, K, K]``; ``quarter_rho_sq = rho^2 / 4``.
     """
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     rhs += i_h * K
     k += i_h * K
     out += i_h * K
@@ -247,7 +193,7 @@ def chunk_solve_kernel(
     h_t = _load_transposed(hc, 0, 0, K, BK, BK)  # [BK, BK]: H_c^T (X H_c^T gives H_c x_t row by row)
     if BACKWARD:
         rows = tl.arange(0, BT)
-        F = tl.where(rows < eos - t0, _vec(norms, t0, H, eos, BT), 1.0)  # [BT], 1 on rows past the end
+        F = tl.where(rows < eos - t0, load_vec(norms, t0, H, eos, BT), 1.0)  # [BT], 1 on rows past the end
     else:
         gram = _mm(k_c, tl.trans(k_c), PRECISION)  # [BT, BT]
         quad = tl.sum(_mm(k_c, h_t, PRECISION) * k_c, axis=1)  # [BT]: k_j^T H_c k_j
@@ -255,7 +201,7 @@ def chunk_solve_kernel(
                    + 2.0 * from_start * tl.sum(mask * quad[None, :], axis=1)
                    + tl.sum(mask * _mm(mask, gram * gram, PRECISION), axis=1))
         F = tl.sqrt(tl.maximum(squared, floor_sq))
-        _store_vec(norms, F, t0, H, eos, BT)
+        store_vec(norms, F, t0, H, eos, BT)
     h = (2.0 / (1.0 + 2.0 * ridge)) / F  # [BT], the step 2 / (L + mu)
     shift = 2.0 * ridge / (1.0 + 2.0 * ridge)  # h * lambda
     b = h[:, None] * _load(rhs, t0, 0, H * K, eos, K, BT, BK)  # [BT, BK]
@@ -271,11 +217,11 @@ def chunk_solve_kernel(
         residual = (scaled_start * tl.dot(xi, h_t, input_precision=PRECISION)
                     + tl.dot(scores, k_c, input_precision=PRECISION) + shift * xi - b)  # h A xi - h b
         xi, xi_prev = xi + (omega - 1.0) * (xi - xi_prev) - omega * residual, xi
-    _store(out, xi, t0, 0, H * K, eos, K, BT, BK)
+    store_tile(out, xi, t0, 0, H * K, eos, K, BT, BK)
     if BACKWARD:
         x_c = _load(x, t0, 0, H * K, eos, K, BT, BK)
         weight = tl.where(F > tl.sqrt(floor_sq), ridge * tl.sum(xi * x_c, axis=1) / (2.0 * F), 0.0)
-        _store_vec(u, weight, t0, H, eos, BT)
+        store_vec(u, weight, t0, H, eos, BT)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
@@ -288,7 +234,7 @@ def chunk_output_kernel(
     Grid ``(NV, NC, H)``; ``BK >= K``. ``states [NC, H, K, V]`` are the key-value states entering the chunks.
     """
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     k += i_h * K
     v += i_h * V
@@ -302,7 +248,7 @@ def chunk_output_kernel(
     scores = _mm(q_c, tl.trans(k_c), PRECISION) * _decay_mask(g, t0, eos, H, BT)  # [BT, BT]: M o (Q K^T)
     out = (_mm(q_c * tl.exp(G)[:, None], _load(states, 0, cv0, V, K, V, BK, BV), PRECISION)
            + _mm(scores, _load(v, t0, cv0, H * V, eos, V, BT, BV), PRECISION))
-    _store(o, out * scale, t0, cv0, H * V, eos, V, BT, BV)
+    store_tile(o, out * scale, t0, cv0, H * V, eos, V, BT, BV)
 
 
 # ---- backward -----------------------------------------------------------------------------------------
@@ -324,7 +270,7 @@ def chunk_dstates_kernel(
     """
     i_k, i_y, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = _sequence(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
     a += i_h * K
     b += i_h * Y
     g += i_h
@@ -342,20 +288,20 @@ def chunk_dstates_kernel(
         n = n_chunks - 1 - i
         t0 = bos + n * BT
         chunk_state = ((n0 + n) * H + i_h) * K * Y
-        _store(dstates + chunk_state, dstate, ck0, cy0, Y, K, Y, BK, BY)
+        store_tile(dstates + chunk_state, dstate, ck0, cy0, Y, K, Y, BK, BY)
         G, total, _ = _decay_ends(g, t0, eos, H, BT)
         from_start = tl.exp(G)
         a_c = _load(a, t0, ck0, H * K, eos, K, BT, BK) * (scale * from_start)[:, None]  # [BT, BK]
         dstate = dstate * tl.exp(total) + _mm(tl.trans(a_c), _load(b, t0, cy0, H * Y, eos, Y, BT, BY), PRECISION)
         if GRAM:
-            weight = _vec(u, t0, H, eos, BT) * from_start  # [BT]: u_t e^{G_t}
+            weight = load_vec(u, t0, H, eos, BT) * from_start  # [BT]: u_t e^{G_t}
             r = tl.sum(weight[:, None] * _decay_mask(g, t0, eos, H, BT), axis=0)  # [BT]
             sigma = tl.sum(weight * from_start, axis=0)
             k_rows = _load(k, t0, ck0, H * K, eos, K, BT, BK) * r[:, None]  # [BT, BK]
             k_cols = _load(k, t0, cy0, H * K, eos, K, BT, BY)  # [BT, BY]
             h_c = _load(hc + chunk_state, ck0, cy0, K, K, K, BK, BY)
             dstate -= 2.0 * (sigma * h_c + _mm(tl.trans(k_rows), k_cols, PRECISION))
-    _store(dinitial + boundary, dstate, ck0, cy0, Y, K, Y, BK, BY)
+    store_tile(dinitial + boundary, dstate, ck0, cy0, Y, K, Y, BK, BY)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
@@ -372,7 +318,7 @@ def chunk_solve_grads_kernel(
     ``dg [B, T, H]`` float32.
     """
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     k += i_h * K
     w += i_h * K
     x += i_h * K
@@ -383,7 +329,7 @@ def chunk_solve_grads_kernel(
     chunk_state = (tl.cast(i_n, tl.int64) * H + i_h) * K * K
     hc += chunk_state
     dstates += chunk_state
-    u_c = _vec(u, t0, H, eos, BT)  # [BT]
+    u_c = load_vec(u, t0, H, eos, BT)  # [BT]
     G, total, to_end = _decay_ends(g, t0, eos, H, BT)
     from_start = tl.exp(G)
     mask = _decay_mask(g, t0, eos, H, BT)  # [BT, BT]
@@ -427,14 +373,14 @@ def chunk_solve_grads_kernel(
         d_k = (to_end[:, None] * k_e - 4.0 * r[:, None] * k_h
                - _mm(tl.trans(s_x), w_c, PRECISION) - _mm(tl.trans(s_w), x_c, PRECISION)
                - 4.0 * _mm(spread, k_c, PRECISION))
-        _store(dk, d_k, t0, c0, H * K, eos, K, BT, BK)
+        store_tile(dk, d_k, t0, c0, H * K, eos, K, BT, BK)
     a_t = -from_start * through_start - 2.0 * weight * (from_start * tl.sum(norm_sq, axis=0)
                                                         + tl.sum(mask * quad[None, :], axis=1))
     pairs = -(s_w * x_k
               + 2.0 * weight[:, None] * mask * quad[None, :]
               + 2.0 * u_c[:, None] * mask * _mm(mask, gram * gram, PRECISION))
     last = tl.exp(total) * tl.sum(through_end, axis=0)
-    _store_vec(dg, _decay_gradient(a_t, pairs, y_j, last, BT), t0, H, eos, BT)
+    store_vec(dg, _decay_gradient(a_t, pairs, y_j, last, BT), t0, H, eos, BT)
 
 
 @triton.jit(do_not_specialize=SEQUENCE_ARGS)
@@ -451,7 +397,7 @@ def chunk_readout_grads_kernel(
     float32 and ``dv [B, T, H, V]`` in its pointer's dtype.
     """
     i_n, i_h = tl.program_id(0), tl.program_id(1)
-    bos, eos, t0 = _chunk(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, eos, t0 = chunk_bounds(i_n, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     q += i_h * K
     k += i_h * K
     dq += i_h * K
@@ -482,7 +428,7 @@ def chunk_readout_grads_kernel(
             e_cv = _load(dstates, c0, v0, V, K, V, BK, BV)  # [BK, BV]
             k_e += _mm(_load(k, t0, c0, H * K, eos, K, BT, BK), e_cv, PRECISION)
             through += tl.sum(_load(states, c0, v0, V, K, V, BK, BV) * e_cv, axis=1)
-        _store(dv, scale * _mm(tl.trans(scores), do_v, PRECISION) + to_end[:, None] * k_e, t0, v0, H * V, eos, V,
+        store_tile(dv, scale * _mm(tl.trans(scores), do_v, PRECISION) + to_end[:, None] * k_e, t0, v0, H * V, eos, V,
                BT, BV)
     d_masked = d_scores * mask
     a_t = tl.zeros([BT], dtype=tl.float32)
@@ -497,11 +443,11 @@ def chunk_readout_grads_kernel(
                        PRECISION)
         q_c = _load(q, t0, c0, H * K, eos, K, BT, BK)  # [BT, BK]
         k_c = _load(k, t0, c0, H * K, eos, K, BT, BK)
-        _store(dq, scale * (from_start[:, None] * d_start + _mm(d_masked, k_c, PRECISION)), t0, c0, H * K, eos, K,
+        store_tile(dq, scale * (from_start[:, None] * d_start + _mm(d_masked, k_c, PRECISION)), t0, c0, H * K, eos, K,
                BT, BK)
-        _store(dk, scale * _mm(tl.trans(d_masked), q_c, PRECISION) + to_end[:, None] * v_e, t0, c0, H * K, eos, K,
+        store_tile(dk, scale * _mm(tl.trans(d_masked), q_c, PRECISION) + to_end[:, None] * v_e, t0, c0, H * K, eos, K,
                BT, BK)
         a_t += scale * from_start * tl.sum(q_c * d_start, axis=1)
         y_j += to_end * tl.sum(k_c * v_e, axis=1)
     last = tl.exp(total) * tl.sum(through, axis=0)
-    _store_vec(dg, _decay_gradient(a_t, scale * scores * d_scores, y_j, last, BT), t0, H, eos, BT)
+    store_vec(dg, _decay_gradient(a_t, scale * scores * d_scores, y_j, last, BT), t0, H, eos, BT)
