@@ -3,10 +3,9 @@
 The chunked WY form of ``chunk.py`` in chunks of 64 positions (see ``triton_kernels`` for the kernels
 and their formulas):
 
-* ``linmix::delta_rule_precond_fwd`` / ``_bwd`` (with a preconditioner): the key statistics ``A``
-  scanned per key head and channel, the write keys ``gain(A_t) k_t`` (float32) and the final ``A``;
-  the backward runs the scan in reverse for ``dk``, ``dprecond_g``, ``dprecond_beta``,
-  ``dprecond_center`` and the initial ``A``'s gradient;
+* with a preconditioner, the key statistics ``A`` are ``decayed_attention``'s chunked kernels (a
+  decayed cumulative sum of ``betaP k^2``, see ``preconditioned_keys``) and the write keys
+  ``gain(A_t) k_t`` elementwise, differentiated by autograd;
 * ``linmix::delta_rule_fwd`` / ``_bwd``: per chunk the triangular solve (``Ai = (I + A_kk)^-1``), ``W``,
   ``U`` and the query-key interaction ``A_qk``; the sequential state pass (chunk states and the
   corrected values ``Vn``); the outputs. The backward runs the state gradient back over the chunks
@@ -14,9 +13,8 @@ and their formulas):
 
 The forward keeps for the backward, float32 per position and value head: ``Ai`` and ``A_qk`` (64
 each), ``W`` (K), ``Vn`` (V), and the chunk states (``K V / 64``): about ``(128 + K + V + K V / 64) * 4``
-bytes, 2.5 KiB at K = V = 128; the preconditioner adds its write keys (``4 K`` per position and key
-head) and ``A`` entering every chunk. The backward recomputes only the decays' in-chunk sums and,
-from those ``A``, the statistics and gains inside the chunks.
+bytes, 2.5 KiB at K = V = 128; the preconditioner adds its statistics and write keys (``8 K`` per
+position and key head). The backward recomputes only the decays' in-chunk sums.
 
 The L2 normalisation of q and k (float32, rounded back to the inputs' dtype) and the summing of the
 key heads' gradients under GVA run in PyTorch around the ops. Packed sequences (``cu_seqlens``) run
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 
 from linmix.ops.common.triton import cdiv, chunk_layout, dot_options, launch_device, sequential_block_v, tile_size
 from linmix.ops.common.triton import state_rows as common_state_rows
+from linmix.ops.decayed_attention import decayed_attention
 
 CHUNK = 64  # positions per chunk (BT)
 SUB_BLOCK = 16  # positions per sub-block of the per-channel decays and of the triangular inverse (BC)
@@ -115,7 +114,7 @@ def _launch_args(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, cu_se
 # ---- the preconditioner ---------------------------------------------------------------------------------
 
 
-def precond_forward(
+def preconditioned_keys(
     k: torch.Tensor,
     precond_g: torch.Tensor,
     precond_beta: torch.Tensor,
@@ -124,8 +123,14 @@ def precond_forward(
     eps: float,
     initial_A: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The write keys and the key statistics.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The write keys ``kw = gain(A_t) k_t`` and the final key statistics, differentiable.
+
+    The statistics ``A_t = exp(gP_t) A_{t-1} + betaP_t k_t^2`` (per key channel, one decay per key
+    head) are a decayed causal sum, ``sum_{s <= t} exp(gP_{s+1} + ... + gP_t) betaP_s k_s^2``: the
+    decayed attention of one key channel of ones over the values ``betaP k^2``, which its chunked
+    Triton kernels compute in parallel over the chunks (forward and backward) in float32. The gain
+    ``exp(-log(x) r / (1 + |r|))``, ``r = log(A_t + eps) - center``, is elementwise.
 
     Args:
         k: normalised keys ``[B, T, H, K]`` (float32, bfloat16 or float16).
@@ -138,64 +143,19 @@ def precond_forward(
         cu_seqlens: ``[N + 1]`` boundaries of packed sequences (``B = 1``), or None.
 
     Returns:
-        The write keys ``[B, T, H, K]``, the final ``A [N, H, K]`` and ``A`` entering every chunk
-        ``[state_rows, H, K]``, all float32.
+        The write keys ``[B, T, H, K]`` and the final ``A [N, H, K]``, float32.
     """
     B, T, H, K = k.shape
-    k, precond_g, precond_beta = k.contiguous(), precond_g.contiguous(), precond_beta.contiguous()
-    BK = tile_size(K, None, MAX_BLOCK_K)
-    with launch_device(k):
-        layout = chunk_layout(B, T, cu_seqlens, CHUNK)
-        kw = k.new_empty(B, T, H, K, dtype=torch.float32)
-        a_starts = k.new_empty(state_rows(B, T, cu_seqlens), H, K, dtype=torch.float32)
-        a_final = k.new_empty(layout.n_seqs, H, K, dtype=torch.float32)
-        a0 = None if initial_A is None else initial_A.float().contiguous()
-        _kernels().precond_forward_kernel[(cdiv(K, BK), layout.n_seqs * H)](
-            k, precond_g, precond_beta, precond_center.contiguous(), a0, kw, a_starts, a_final, math.log(x), eps,
-            layout.cu_seqlens, layout.chunk_offsets, T, layout.NT, H, K, BT=CHUNK, BK=BK, HAS_A0=a0 is not None,
-            IS_VARLEN=layout.varlen,
-        )
-    return kw, a_final, a_starts
-
-
-def precond_backward(
-    k: torch.Tensor,
-    precond_g: torch.Tensor,
-    precond_beta: torch.Tensor,
-    precond_center: torch.Tensor,
-    x: float,
-    eps: float,
-    a_starts: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    dkw: torch.Tensor,
-    da_final: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The preconditioner's gradients from those of the write keys ``dkw`` and of the final ``A``.
-
-    Returns:
-        ``dk``, ``dprecond_g``, ``dprecond_beta``, ``dprecond_center`` in their inputs' dtypes and the
-        initial ``A``'s gradient ``[N, H, K]`` float32.
-    """
-    B, T, H, K = k.shape
-    k, precond_g, precond_beta = k.contiguous(), precond_g.contiguous(), precond_beta.contiguous()
-    BK = tile_size(K, None, MAX_BLOCK_K)
-    NK = cdiv(K, BK)
-    with launch_device(k):
-        layout = chunk_layout(B, T, cu_seqlens, CHUNK)
-        N = layout.n_seqs
-        dk = k.new_empty(B, T, H, K, dtype=torch.float32)
-        dgp = k.new_empty(NK, B, T, H, dtype=torch.float32)
-        dbp = torch.empty_like(dgp)
-        dcenter = k.new_empty(N * H, NK, dtype=torch.float32)
-        da0 = k.new_empty(N, H, K, dtype=torch.float32)
-        daf = None if da_final is None else da_final.float().contiguous()
-        _kernels().precond_backward_kernel[(NK, N * H)](
-            k, precond_g, precond_beta, precond_center.contiguous(), a_starts, dkw.float().contiguous(), daf, dk, dgp,
-            dbp, dcenter, da0, math.log(x), eps, B * T * H, layout.cu_seqlens, layout.chunk_offsets, T, layout.NT, H, K,
-            BT=CHUNK, BK=BK, HAS_DA_FINAL=daf is not None, IS_VARLEN=layout.varlen,
-        )
-    return (dk.to(k.dtype), dgp.sum(dim=0).to(precond_g.dtype), dbp.sum(dim=0).to(precond_beta.dtype),
-            dcenter.view(N, H, NK).sum(dim=(0, 2)).to(precond_center.dtype), da0)
+    k32 = k.float()
+    ones = k32.new_ones(B, T, H, 1)
+    written = precond_beta.float()[..., None] * k32.square()  # [B, T, H, K]
+    A0 = None if initial_A is None else initial_A.float()[:, :, None, :]  # [N, H, 1, K]
+    A, A_final = decayed_attention(ones, ones, written, precond_g.float()[..., None], scale=1.0, initial_state=A0,
+                                   output_final_state=True, cu_seqlens=cu_seqlens, backend="triton",
+                                   check_values=False)  # A [B, T, H, K], A_final [N, H, 1, K]
+    r = torch.log(A + eps) - precond_center.float()[:, None]
+    gain = torch.exp(-math.log(x) * r / (1.0 + r.abs()))
+    return gain * k32, A_final[:, :, 0]
 
 
 # ---- the delta rule -------------------------------------------------------------------------------------
@@ -326,74 +286,6 @@ def delta_rule_backward(
 # ---- custom ops -----------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("linmix::delta_rule_precond_fwd", mutates_args=())
-def _precond_forward_op(
-    k: torch.Tensor,
-    precond_g: torch.Tensor,
-    precond_beta: torch.Tensor,
-    precond_center: torch.Tensor,
-    x: float,
-    eps: float,
-    initial_A: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kw, final_A, chunk_A)``, see ``precond_forward``."""
-    return precond_forward(k, precond_g, precond_beta, precond_center, x, eps, initial_A, cu_seqlens)
-
-
-@_precond_forward_op.register_fake
-def _precond_forward_fake(k, precond_g, precond_beta, precond_center, x, eps, initial_A, cu_seqlens):
-    B, T, H, K = k.shape
-    return (k.new_empty(B, T, H, K, dtype=torch.float32),
-            k.new_empty(_n_seqs(k, cu_seqlens), H, K, dtype=torch.float32),
-            k.new_empty(state_rows(B, T, cu_seqlens), H, K, dtype=torch.float32))
-
-
-@torch.library.custom_op("linmix::delta_rule_precond_bwd", mutates_args=())
-def _precond_backward_op(
-    k: torch.Tensor,
-    precond_g: torch.Tensor,
-    precond_beta: torch.Tensor,
-    precond_center: torch.Tensor,
-    x: float,
-    eps: float,
-    a_starts: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    dkw: torch.Tensor,
-    da_final: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dk, dprecond_g, dprecond_beta, dprecond_center, dinitial_A)``, see ``precond_backward``."""
-    return precond_backward(k, precond_g, precond_beta, precond_center, x, eps, a_starts, cu_seqlens, dkw, da_final)
-
-
-@_precond_backward_op.register_fake
-def _precond_backward_fake(k, precond_g, precond_beta, precond_center, x, eps, a_starts, cu_seqlens, dkw, da_final):
-    _, _, H, K = k.shape
-    return (k.new_empty(k.shape), precond_g.new_empty(precond_g.shape), precond_beta.new_empty(precond_beta.shape),
-            precond_center.new_empty(precond_center.shape),
-            k.new_empty(_n_seqs(k, cu_seqlens), H, K, dtype=torch.float32))
-
-
-def _precond_setup_context(ctx, inputs, output) -> None:
-    k, precond_g, precond_beta, precond_center, x, eps, initial_A, cu_seqlens = inputs
-    ctx.save_for_backward(k, precond_g, precond_beta, precond_center, initial_A, cu_seqlens, output[2])
-    ctx.x, ctx.eps = x, eps
-    ctx.set_materialize_grads(False)
-
-
-def _precond_backward(ctx, dkw, da_final, da_starts):
-    """Gradients of the preconditioner op's inputs (none for ``x``, ``eps``, ``cu_seqlens``, an absent ``A``)."""
-    k, precond_g, precond_beta, precond_center, initial_A, cu_seqlens, a_starts = ctx.saved_tensors
-    if dkw is None:  # only the final statistics were used
-        dkw = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dk, dgp, dbp, dcenter, da0 = _precond_backward_op(k, precond_g, precond_beta, precond_center, ctx.x, ctx.eps,
-                                                      a_starts, cu_seqlens, dkw, da_final)
-    return dk, dgp, dbp, dcenter, None, None, (None if initial_A is None else da0.to(initial_A.dtype)), None
-
-
-_precond_forward_op.register_autograd(_precond_backward, setup_context=_precond_setup_context)
-
-
 @torch.library.custom_op("linmix::delta_rule_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor,
@@ -514,7 +406,7 @@ def triton_delta_rule(
         q, k = _l2_normalize(q), _l2_normalize(k)
     kw, A = k, None
     if precond:
-        kw, A, _ = _precond_forward_op(k, precond_g, precond_beta, precond_center, float(x), float(eps), A0, cu_seqlens)
+        kw, A = preconditioned_keys(k, precond_g, precond_beta, precond_center, float(x), float(eps), A0, cu_seqlens)
     o, S, *_ = _forward_op(q, k, kw, v, beta, g, float(scale), S0, cu_seqlens)
     if not output_final_state:
         return o, None

@@ -15,9 +15,8 @@ dv, dbeta, dg`` in parallel. With ``D = Ai^T dVn`` (the gradient of the right-ha
 ``beta (v - k e^G S)`` whose solve is ``Vn``): ``dv = beta D``, ``dA_kk = -D Vn^T`` and
 ``dA_qk = do Vn^T``; ``dg`` is the reverse in-chunk sum of the gradient of ``G``.
 
-The preconditioner (``precond_forward_kernel``, ``precond_backward_kernel``) scans the key statistics
-``A_t = exp(gP_t) A_{t-1} + betaP_t k_t^2`` per key channel, chunk by chunk with an exact ``[BT, BT]``
-decay matrix, and gives the write keys ``gain(A_t) k_t``; its backward runs the same scan in reverse.
+The preconditioner's write keys ``kw = gain(A_t) k_t`` come in as an input (``triton.py`` computes the
+statistics ``A_t`` with ``decayed_attention``'s kernels).
 
 Decay modes (``MODE``): 0 none (DeltaNet), 1 one log decay per value head and position (GDN), 2 one
 per key channel (KDA). Scalar decays use the exact ``[BT, BT]`` matrix ``exp(segsum(g))``. Per-channel
@@ -29,8 +28,8 @@ so nothing long cancels). Every exponent is clamped at 0, exact for real positio
 padding.
 
 Matrix products cast their operands to ``DOT_DTYPE`` and multiply at ``PRECISION`` (the launcher
-passes float32 operands, in TF32 for 16-bit inputs); the triangular inverse and the preconditioner's
-scan always multiply in float32 (``ieee``). All intermediates are float32.
+passes float32 operands, in TF32 for 16-bit inputs); the triangular inverse always multiplies in
+float32 (``ieee``). All intermediates are float32.
 
 Layouts (contiguous): ``q, k, kw [B, T, H, K]``; ``v [B, T, HV, V]``; ``beta [B, T, HV]``; ``g``
 ``[B, T, HV]`` or ``[B, T, HV, K]``; per-token buffers ``[B, T, HV, X]`` (``Ai``, ``A_qk``: X = BT, row
@@ -87,12 +86,6 @@ def tuned(num_warps: int):
 
 
 # ---- addressing ---------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row(x, r, R: tl.constexpr):
-    """Row ``r`` of the ``[R, C]`` tile ``x`` as ``[C]``."""
-    return tl.sum(tl.where(tl.arange(0, R)[:, None] == r, x, 0.0), axis=0)
 
 
 @triton.jit
@@ -288,127 +281,6 @@ def _unit_lower_inverse(A, BT: tl.constexpr, BC: tl.constexpr):
     for _ in range(BT // BC - 1):
         X = eye - _mm32(N, X)
     return _mm32(X, Ti)
-
-
-# ---- the preconditioner ---------------------------------------------------------------------------------
-
-
-@triton.jit
-def _stats(k_c, g_c, b_c, A, BT: tl.constexpr):
-    """The key statistics of a chunk entered with ``A [BK]``: ``A_t [BT, BK]`` and the decay matrix ``[BT, BT]``."""
-    rows = tl.arange(0, BT)
-    segsum = _segsum(g_c, BT)
-    decay = tl.where(rows[:, None] >= rows[None, :], tl.exp(tl.minimum(segsum, 0.0)), 0.0)
-    local = _mm32(decay, b_c[:, None] * k_c * k_c)
-    return tl.exp(tl.cumsum(g_c, axis=0))[:, None] * A[None, :] + local, decay, segsum
-
-
-@triton.jit
-def _gain(stats, center, log_x, eps):
-    """``exp(-log(x) r / (1 + |r|))`` with ``r = log(A + eps) - center``, and ``r``."""
-    r = tl.log(stats + eps) - center
-    return tl.exp(-log_x * r / (1.0 + tl.abs(r))), r
-
-
-@tuned(num_warps=4)
-@triton.jit(do_not_specialize=SEQUENCE_ARGS)
-def precond_forward_kernel(
-    k, gp, bp, center, a0, kw, a_starts, a_final, log_x, eps, cu_seqlens, chunk_offsets, T, NT, H, K,
-    BT: tl.constexpr, BK: tl.constexpr, HAS_A0: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """The write keys ``gain(A_t) k_t`` and the statistics ``A`` entering every chunk and after the last.
-
-    Grid ``(NK, N * H)``, sequential over the chunks of a sequence. ``k [B, T, H, K]``; ``gp, bp
-    [B, T, H]``; ``center [H]``; ``a0`` (with ``HAS_A0``), ``a_final [N, H, K]``; writes ``kw [B, T,
-    H, K]`` and ``a_starts [NC, H, K]`` float32.
-    """
-    i_k, i_sh = tl.program_id(0), tl.program_id(1)
-    i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
-    k += i_h * K
-    kw += i_h * K
-    gp += i_h
-    bp += i_h
-    ck0 = i_k * BK
-    cols = ck0 + tl.arange(0, BK)
-    c = tl.load(center + i_h).to(tl.float32)
-    boundary = tl.cast(i_sh, tl.int64) * K
-    if HAS_A0:
-        A = tl.load(a0 + boundary + cols, mask=cols < K, other=0.0).to(tl.float32)
-    else:
-        A = tl.zeros([BK], dtype=tl.float32)
-    for i in range(tl.cdiv(eos - bos, BT)):
-        t0 = bos + i * BT
-        tl.store(a_starts + ((n0 + i) * H + i_h) * K + cols, A, mask=cols < K)
-        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        g_c = load_vec(gp, t0, H, eos, BT)
-        b_c = load_vec(bp, t0, H, eos, BT)
-        stats, _, _ = _stats(k_c, g_c, b_c, A, BT)
-        gain, _ = _gain(stats, c, log_x, eps)
-        store_tile(kw, gain * k_c, t0, ck0, H * K, eos, K, BT, BK)
-        A = _row(stats, BT - 1, BT)  # rows past the end add nothing (g = 0, beta = 0)
-    tl.store(a_final + boundary + cols, A, mask=cols < K)
-
-
-@tuned(num_warps=4)
-@triton.jit(do_not_specialize=SEQUENCE_ARGS)
-def precond_backward_kernel(
-    k, gp, bp, center, a_starts, dkw, da_final, dk, dgp, dbp, dcenter, da0, log_x, eps, part_stride, cu_seqlens,
-    chunk_offsets, T, NT, H, K,
-    BT: tl.constexpr, BK: tl.constexpr, HAS_DA_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """The preconditioner's gradients, from each sequence's last chunk back to its first.
-
-    Grid ``(NK, N * H)``. With ``lam_t`` the gradient of ``A_t`` (its own, through the gain, plus the
-    later positions'): ``dk = gain dkw + 2 betaP k lam``, ``dbetaP = sum_K lam k^2``, ``dgP = sum_K
-    lam (A_t - betaP k^2)``, ``dcenter = -sum dr``. Writes ``dk [B, T, H, K]`` float32, the per-key-tile
-    parts of ``dgp`` and ``dbp`` (``[NK, B, T, H]``, tile ``i_k`` at ``i_k * part_stride``) and of
-    ``dcenter`` (``[N * H, NK]``), and ``da0 [N, H, K]``.
-    """
-    i_k, i_sh = tl.program_id(0), tl.program_id(1)
-    i_s, i_h = i_sh // H, i_sh % H
-    NK = tl.num_programs(0)
-    bos, eos, n0 = sequence_bounds(i_s, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
-    k += i_h * K
-    dkw += i_h * K
-    dk += i_h * K
-    gp += i_h
-    bp += i_h
-    dgp += i_k * part_stride + i_h
-    dbp += i_k * part_stride + i_h
-    ck0 = i_k * BK
-    cols = ck0 + tl.arange(0, BK)
-    rows = tl.arange(0, BT)
-    c = tl.load(center + i_h).to(tl.float32)
-    boundary = tl.cast(i_sh, tl.int64) * K
-    if HAS_DA_FINAL:
-        carry = tl.load(da_final + boundary + cols, mask=cols < K, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BK], dtype=tl.float32)
-    dc = tl.zeros([BK], dtype=tl.float32)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for i in range(n_chunks):
-        n = n_chunks - 1 - i
-        t0 = bos + n * BT
-        A = tl.load(a_starts + ((n0 + n) * H + i_h) * K + cols, mask=cols < K, other=0.0)
-        k_c = load_tile(k, t0, ck0, H * K, eos, K, BT, BK).to(tl.float32)
-        g_c = load_vec(gp, t0, H, eos, BT)
-        b_c = load_vec(bp, t0, H, eos, BT)
-        stats, decay, segsum = _stats(k_c, g_c, b_c, A, BT)
-        gain, r = _gain(stats, c, log_x, eps)
-        dkw_c = load_tile(dkw, t0, ck0, H * K, eos, K, BT, BK)
-        squash = 1.0 + tl.abs(r)
-        dr = dkw_c * k_c * gain * (-log_x) / (squash * squash)
-        dc += tl.sum(dr, axis=0)
-        suffix = _row(segsum, BT - 1, BT)  # [BT]: sum of g after t to the chunk end
-        lam = _mm32(tl.trans(decay), dr / (stats + eps)) + tl.exp(tl.minimum(suffix, 0.0))[:, None] * carry[None, :]
-        written = b_c[:, None] * k_c * k_c
-        store_tile(dk, gain * dkw_c + 2.0 * lam * b_c[:, None] * k_c, t0, ck0, H * K, eos, K, BT, BK)
-        store_vec(dbp, tl.sum(lam * k_c * k_c, axis=1), t0, H, eos, BT)
-        store_vec(dgp, tl.sum(lam * (stats - written), axis=1), t0, H, eos, BT)
-        carry = tl.exp(tl.sum(tl.where(rows == 0, g_c, 0.0), axis=0)) * _row(lam, 0, BT)
-    tl.store(da0 + boundary + cols, carry, mask=cols < K)
-    tl.store(dcenter + tl.cast(i_sh, tl.int64) * NK + i_k, -tl.sum(dc, axis=0))
 
 
 # ---- forward ------------------------------------------------------------------------------------------
