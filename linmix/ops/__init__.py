@@ -12,7 +12,9 @@ from linmix.ops.causal_kernel import causal_kernel, causal_kernel_step
 from linmix.ops.decayed_attention import decayed_attention, decayed_attention_step
 from linmix.ops.delta_rule import DiagonalPreconditioner, delta_rule, delta_rule_step
 from linmix.ops.gated_kalman import gated_kalman, gated_kalman_step
+from linmix.ops.structured_mix import structured_mix, structured_mix_step
 
 __all__ = ["MAX_DENSE_BYTES", "OPS", "Backend", "DiagonalPreconditioner", "Op", "causal_kernel", "causal_kernel_step",
            "check_finite", "decayed_attention", "decayed_attention_step", "delta_rule", "delta_rule_step",
-           "gated_kalman", "gated_kalman_step", "is_checking_finite", "limit_dense_bytes", "max_dense_bytes"]
+           "gated_kalman", "gated_kalman_step", "is_checking_finite", "limit_dense_bytes", "max_dense_bytes",
+           "structured_mix", "structured_mix_step"]

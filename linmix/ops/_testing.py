@@ -76,6 +76,12 @@ class OpTestSpec:
             heads of 16 channels or more).
         library_regimes: the regimes of those cases (another library need not handle the extremes
             linmix's backends do); None takes the first and the last regime.
+        mixing_matrix: ``(tensors, settings, backend) -> M``, the explicit operator the op applies to
+            its values from a zero initial state (``linmix.ops.mixing_matrix``): ``M [..., T, T]`` with
+            ``o == apply_mixing_matrix(M, tensors[values])`` for that backend's call; None for an op
+            with no matrix form. ``backend`` matters only where backends compute different operators
+            (an exact solve against an iterated one).
+        values: the name of the tensor ``mixing_matrix`` acts on.
     """
 
     op: str
@@ -90,6 +96,8 @@ class OpTestSpec:
     backend_tolerance: dict[str, dict[torch.dtype, float]] = field(default_factory=dict)
     library_dims: dict[str, int] = field(default_factory=dict)
     library_regimes: tuple[str, ...] | None = None
+    mixing_matrix: Callable[[dict, dict, str], torch.Tensor] | None = None
+    values: str = "v"
 
     @property
     def registered(self) -> Op:

@@ -28,12 +28,14 @@ import torch
 from linmix.ops import OPS
 from linmix.ops._dispatch import Backend, Op, State, compute_dtype, map_state
 from linmix.ops._testing import OpInputs, OpTestSpec, seeded, spec_of
+from linmix.ops.mixing_matrix import apply_mixing_matrix
 
 REFERENCE = "naive"  # the executable spec every backend is compared with
 HAS_CUDA = torch.cuda.is_available()
 FULL, COVERING, EXTERNAL = "full", "covering", "external"
 COVERING_LENGTHS = (1, 7, 65, 130)  # inside one chunk, across one boundary, across two
 PACKED_LENGTHS = {FULL: (1, 7, 63, 200), COVERING: (1, 7, 63, 70), EXTERNAL: (1, 7, 63, 200)}
+MATRIX_LENGTHS = (1, 7, 65)  # the mixing-matrix check: one position, inside a chunk, past one
 ATOL = {torch.float64: 1e-12}  # absolute slack of assert_close per compute dtype (helpers' default otherwise)
 
 
@@ -326,3 +328,34 @@ def assert_result_dtypes(out: dict, dtype: torch.dtype) -> None:
     for name, x in out.items():
         expected = compute_dtype(dtype) if "state" in name else dtype
         assert x.dtype == expected, f"{name} has dtype {x.dtype}, expected {expected}"
+
+
+# ---- the explicit operator --------------------------------------------------------------------------
+
+
+def matrix_params() -> list:
+    """``(op, backend, "cpu", regime, T)`` of the mixing-matrix check, for the ops whose spec gives a matrix.
+
+    A backend running natively gets every regime it takes at the longest of ``MATRIX_LENGTHS`` and the
+    shorter ones at its first and last regime; a Triton backend in the interpreter its first regime at
+    the longest length and its last at 7.
+    """
+    params = []
+    for op_name, backend, device in entries():
+        if device != "cpu" or spec_of(OPS[op_name]).mixing_matrix is None:
+            continue
+        regimes, longest = taken_regimes(op_name, backend), MATRIX_LENGTHS[-1]
+        if budget(OPS[op_name].backends[backend], device) == FULL:
+            runs = [(r, longest) for r in regimes] + [(r, T) for r in ends(regimes) for T in MATRIX_LENGTHS[:-1]]
+        else:
+            runs = list(zip(ends(regimes), (longest, MATRIX_LENGTHS[1])))
+        params += [param(op_name, backend, device, r, T, id=f"{r}-T{T}") for r, T in runs]
+    return params
+
+
+def matrix_reference(spec: OpTestSpec, inputs: OpInputs, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    """The spec's mixing matrix applied to the values, in float64 on the CPU from the inputs rounded to
+    ``dtype`` (what a backend computing in ``dtype`` reads), zero initial state."""
+    tensors = {name: x.to(dtype).double() for name, x in inputs.tensors.items()}
+    M = spec.mixing_matrix(tensors, inputs.settings, backend)  # [..., T, T]
+    return apply_mixing_matrix(M, tensors[spec.values])

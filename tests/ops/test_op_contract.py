@@ -17,7 +17,9 @@ library's backend under its own marker); the float64 reference stays on the CPU.
    zero gradients, alike on every backend, or a ValueError naming an argument;
 10. with ``check_finite`` on, a NaN or infinite input is named with its first bad entry;
 11. a backend's dense intermediate is refused past ``limit_dense_bytes`` with the bytes it needs,
-    which are those of the largest tensor its forward allocates.
+    which are those of the largest tensor its forward allocates;
+12. from a zero initial state the output is the spec's explicit ``[T, T]`` operator applied to the
+    values, per head (``linmix.ops.mixing_matrix``), and every op declares that operator.
 """
 
 import dataclasses
@@ -46,6 +48,8 @@ from op_harness import (
     exact_dtype,
     is_per_token,
     leaves_of,
+    matrix_params,
+    matrix_reference,
     param,
     reference,
     refused_regimes,
@@ -572,3 +576,37 @@ def test_dense_limit_refuses_past_it_with_the_bytes_needed(op_name, backend, dev
         call(op, backend, tensors, inputs.settings, state)
     with limit_dense_bytes(needed), torch.no_grad():
         assert _largest_allocation(lambda: call(op, backend, tensors, inputs.settings, state)) == needed
+
+
+# ---- 12. the explicit operator ----------------------------------------------------------------------------
+
+NO_MIXING_MATRIX: dict[str, str] = {}  # op -> why its spec gives no [T, T] operator (every op gives one now)
+
+
+@pytest.mark.parametrize("op_name, backend, device, regime, T", matrix_params())
+def test_output_is_the_mixing_matrix_times_the_values(op_name, backend, device, regime, T):
+    """From a zero initial state, every head's output is the spec's mixing matrix times its values: the
+    float64 operator of the inputs the backend reads (``matrix_reference``), within the op's float64
+    tolerance on a backend that computes float64, its float32 tolerance for this backend otherwise."""
+    skip_unless_runnable(op_name, backend, device)
+    spec, op = _spec(op_name), OPS[op_name]
+    dtype = exact_dtype(op.backends[backend])
+    inputs = case_inputs(Case(op_name, regime, T, with_state=False))
+    tensors = {name: x.to(device, dtype) for name, x in inputs.tensors.items()}
+    with torch.no_grad():
+        o, _ = call(op, backend, tensors, inputs.settings, None)
+    expected = matrix_reference(spec, inputs, backend, dtype)
+    ratio = spec.tolerance[dtype] if dtype == torch.float64 else spec.ratio(backend, dtype)
+    per_head = (expected.unbind(2), o.unbind(2)) if o.dim() == 4 else ((expected,), (o,))
+    for head, (ref, out) in enumerate(zip(*per_head, strict=True)):
+        assert_close(f"o of head {head}", ref, out, **{**tolerance(spec, backend, dtype), "ratio": ratio})
+
+
+def test_every_op_declares_its_mixing_matrix():
+    """Every registered op's spec gives its mixing matrix, except the ops of ``NO_MIXING_MATRIX``, each
+    registered and without one."""
+    missing = [name for name in OPS if _spec(name).mixing_matrix is None and name not in NO_MIXING_MATRIX]
+    assert not missing, f"ops whose test spec gives no mixing_matrix: {missing}"
+    for name, reason in NO_MIXING_MATRIX.items():
+        assert name in OPS, f"NO_MIXING_MATRIX names {name!r}, which is not a registered op"
+        assert _spec(name).mixing_matrix is None, f"{name} gives a mixing_matrix but is listed: {reason}"

@@ -9,6 +9,7 @@ the short sequences), ``toeplitz_one_tap`` (``[H, 1]``), ``dense_3d`` and ``dens
 import torch
 
 from linmix.ops._testing import BadInput, OpInputs, OpTestSpec, randn, replaced
+from linmix.ops.mixing_matrix import causal_kernel_matrix
 
 REGIMES = ("toeplitz_shared_3d", "toeplitz_shared_4d", "toeplitz_per_head", "toeplitz_long", "toeplitz_one_tap",
            "dense_3d", "dense_4d")
@@ -34,6 +35,11 @@ def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs
         kernel = randn(generator, L) if "shared" in regime else randn(generator, H, L)
         form, past = "toeplitz", max(L - 1, 0)  # L = 0 is refused by the op, not here
     return OpInputs({"x": x, "kernel": kernel}, {"form": form}, randn(generator, B, past, *channels))
+
+
+def mixing_matrix(tensors: dict, settings: dict, backend: str) -> torch.Tensor:
+    """``M`` of a call without past inputs: ``[T, T]`` (dense, shared filter) or ``[H, T, T]`` (per head)."""
+    return causal_kernel_matrix(tensors["kernel"], tensors["x"].shape[1], form=settings["form"])
 
 
 def _bad_inputs() -> dict[str, BadInput]:
@@ -89,4 +95,6 @@ SPEC = OpTestSpec(
     bad_inputs=_bad_inputs(),
     dim_ranges={"B": (1, 3), "H": (1, 3), "D": (1, 24), "L": (1, 20)},
     chunk=32,  # the Triton kernel's tile of positions
+    mixing_matrix=mixing_matrix,
+    values="x",
 )

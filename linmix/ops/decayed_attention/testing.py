@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from linmix.ops._testing import BadInput, OpInputs, OpTestSpec, log_spread, rand, randn, replaced
+from linmix.ops.mixing_matrix import decayed_attention_matrix
 
 REGIMES = (
     "const_small", "const_near_one", "const_spread", "const_typical", "const_mixed",
@@ -52,6 +53,11 @@ def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs
     tensors["v"] = randn(generator, B, T, H, V)
     tensors["log_gamma"] = log_decays(regime, B, T, H, K, generator)
     return OpInputs(tensors, {"scale": 0.5}, randn(generator, B, H, K, V))
+
+
+def mixing_matrix(tensors: dict, settings: dict, backend: str) -> torch.Tensor:
+    """``M [B, H, T, T]`` of a call from a zero state; every backend applies the same one."""
+    return decayed_attention_matrix(tensors["q"], tensors["k"], tensors["log_gamma"], scale=settings["scale"])
 
 
 def _bad_inputs() -> dict[str, BadInput]:
@@ -115,4 +121,5 @@ SPEC = OpTestSpec(
     backend_tolerance={"triton": {torch.float32: 1e-4}, "fla": {torch.float32: 5e-3, torch.bfloat16: 1.5e-2}},
     library_dims={"K": 64, "V": 64},
     library_regimes=("const_typical", "token_typical"),  # fla's chunk_gla is not built for full resets
+    mixing_matrix=mixing_matrix,
 )

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from linmix.ops._testing import BadInput, OpInputs, OpTestSpec, log_spread, rand, randn, replaced
+from linmix.ops.delta_rule.precond import DiagonalPreconditioner
+from linmix.ops.mixing_matrix import delta_rule_matrix
 
 REGIMES = (
     "pgdn", "dn", "gdn", "kda", "pdn", "pkda", "gdn_g_near_zero", "gdn_mixed", "kda_spread", "pkda_extreme",
@@ -90,6 +92,17 @@ def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs
         tensors["precond_center"] = -0.2 + 0.5 * randn(generator, H)
         state = (state, rand(generator, B, H, K))
     return OpInputs(tensors, settings, state)
+
+
+def mixing_matrix(tensors: dict, settings: dict, backend: str) -> torch.Tensor:
+    """``M [B, HV, T, T]`` of a call (the registered op's unpacked arguments) from a zero state ``(S, A)``."""
+    precond = None
+    if "precond_g" in tensors:
+        options = {name: settings[name] for name in ("x", "eps") if name in settings}  # the defaults otherwise
+        precond = DiagonalPreconditioner(g=tensors["precond_g"], beta=tensors["precond_beta"],
+                                         center=tensors["precond_center"], **options)
+    return delta_rule_matrix(tensors["q"], tensors["k"], tensors["beta"], g=tensors.get("g"), precond=precond,
+                             scale=settings.get("scale"), normalize_qk=settings.get("normalize_qk", True))
 
 
 def _bad_inputs() -> dict[str, BadInput]:
@@ -185,4 +198,5 @@ SPEC = OpTestSpec(
     backend_tolerance={"fla": {torch.float32: 5e-3, torch.bfloat16: 2e-2}, "triton": {torch.bfloat16: 2e-2}},
     library_dims={"K": 64, "V": 64},
     library_regimes=("dn", "gdn", "kda", "pgdn", "pkda_gva"),  # one case per fla kernel; fla is not built for resets
+    mixing_matrix=mixing_matrix,
 )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from linmix.ops._testing import TOLERANCES, BadInput, OpInputs, OpTestSpec, rand, randn, replaced
+from linmix.ops.mixing_matrix import gated_kalman_matrix
 
 REGIMES = ("typical", "paper", "alpha_zero", "alpha_half", "strong_decay", "weak_decay", "decay_mixed", "beta_edges")
 PAPER = {"ridge": 0.02, "iters": 30}
@@ -72,6 +73,14 @@ def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs
         tensors["alpha"] = torch.sigmoid(randn(generator, *shape))
     state = (initial_gram(generator, B, H, K), randn(generator, B, H, K, V))
     return OpInputs(tensors, dict(PAPER if regime == "paper" else FAST), state)
+
+
+def mixing_matrix(tensors: dict, settings: dict, backend: str) -> torch.Tensor:
+    """``M [B, H, T, T]`` of a call from a zero state ``(H, U)``, with the solve ``backend`` runs: exact for
+    ``exact``, the Chebyshev steps of ``settings["iters"]`` for every other."""
+    iters = None if backend == "exact" else settings["iters"]
+    return gated_kalman_matrix(tensors["q"], tensors["k"], tensors["g"], tensors["beta"], ridge=settings["ridge"],
+                               iters=iters, alpha=tensors.get("alpha"), scale=settings.get("scale"))
 
 
 def _bad_inputs() -> dict[str, BadInput]:
@@ -173,4 +182,5 @@ SPEC = OpTestSpec(
     # shapes, where a gradient can be a cancellation (with K = 1 the readout does not depend on beta,
     # and the implicit gradient's share of it is the iteration's error times o / beta).
     backend_tolerance={"exact": {torch.float64: 2e-2, torch.float32: 2e-2, torch.bfloat16: 2e-2}},
+    mixing_matrix=mixing_matrix,
 )

@@ -1,0 +1,110 @@
+"""Chunked structured mixing: a blocked triangular solve with the adjoint backward (spec §3.3, §5.4).
+
+Per batch row and head, the outputs live in one buffer ``ext`` of the ``S`` state rows followed by
+the ``T`` outputs (``S = f(K - 1)``), so position ``t`` is row ``S + t``. Split T into chunks of
+``C`` positions. In chunk ``c = [c0, c0 + C)`` the entries ``(t, k)`` whose predecessor lies inside
+the chunk (``near``: ``t - f(k) >= c0``) form a strictly lower ``C x C`` matrix ``B_cc``; the others
+(``far``) read rows already known. Then
+
+    forward:  T_c = (I - B_cc)^{-1}, all chunks at once;  Y_c = T_c (alpha_c x_c + far_c)
+    backward: gZ_c = T_c^T (gY_c + acc_c), chunks in reverse; the far entries of chunk c add
+              beta[t, k] gZ_t to acc at their predecessor; gbeta[t, k] = <gZ_t, y[t - f(k)]>,
+              galpha_t = <gZ_t, x_t>, gx_t = alpha_t gZ_t, and the state gets acc of its rows.
+
+Every far level of a chunk is one contiguous slice of ``ext`` (the pattern is translation
+invariant), masked to the rows ``i < f(k)``. Only ``ext`` and the ``T_c`` are kept for the backward.
+Cost: ``O(T C D)`` for the ``T_c`` products, ``O(T K D)`` for the far terms, ``O(T C^2)`` to build
+the inverses; sequential depth ``T / C``; memory ``O(T (D + C))``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from linmix.ops.structured_mix.patterns import Offsets
+
+CHUNK = 64  # C: positions per chunk
+
+
+def _near_inverses(beta: torch.Tensor, offsets: tuple[int, ...], C: int) -> torch.Tensor:
+    """``T_c = (I - B_cc)^{-1}`` of every chunk, ``[B, H, N, C, C]``, from chunked ``beta [B, H, N, C, K]``."""
+    B, H, N = beta.shape[:3]
+    near = torch.zeros(B, H, N, C, C, dtype=beta.dtype, device=beta.device)  # B_cc
+    for k, f in enumerate(offsets):
+        if f < C:  # row i reads row i - f of its own chunk when i >= f
+            near = near + torch.diag_embed(beta[..., f:, k], offset=-f)
+    eye = torch.eye(C, dtype=beta.dtype, device=beta.device)
+    return torch.linalg.solve_triangular(eye - near, eye.expand_as(near), upper=False, unitriangular=True)
+
+
+def _far_masks(offsets: tuple[int, ...], C: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[K, C]``: 1 where row ``i`` of a chunk reads level ``k`` before the chunk (``i < f(k)``)."""
+    rows = torch.arange(C, device=device)
+    return (rows < torch.tensor(offsets, device=device)[:, None]).to(dtype)
+
+
+class _ChunkedSolve(torch.autograd.Function):
+    """``(o, final_state)`` of the chunked solve, with the adjoint backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, past, offsets, T):
+        # x [B, H, Tp, D], alpha [B, H, Tp], beta [B, H, Tp, K] (zero past T), past [B, H, S, D]
+        B, H, Tp, D = x.shape
+        S, C = past.shape[2], min(CHUNK, Tp)
+        chunked_beta = beta.view(B, H, Tp // C, C, len(offsets))
+        inverses = _near_inverses(chunked_beta, offsets, C)  # [B, H, N, C, C]
+        masks = _far_masks(offsets, C, x.dtype, x.device)  # [K, C]
+        z = alpha[..., None] * x  # [B, H, Tp, D]
+        ext = torch.cat([past, torch.zeros_like(x)], dim=2)  # [B, H, S + Tp, D]
+        for c0 in range(0, Tp, C):
+            rhs = z[:, :, c0:c0 + C]  # [B, H, C, D]
+            for k, f in enumerate(offsets):
+                weight = chunked_beta[:, :, c0 // C, :, k] * masks[k]  # [B, H, C]
+                rhs = rhs + weight[..., None] * ext[:, :, S + c0 - f:S + c0 + C - f]
+            ext[:, :, S + c0:S + c0 + C] = inverses[:, :, c0 // C] @ rhs
+        ctx.save_for_backward(x, alpha, beta, ext, inverses)
+        ctx.offsets, ctx.T = offsets, T
+        return ext[:, :, S:S + T].clone(), ext[:, :, T:T + S].clone()
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_final):
+        # grad_o [B, H, T, D], grad_final [B, H, S, D]
+        x, alpha, beta, ext, inverses = ctx.saved_tensors
+        offsets, T = ctx.offsets, ctx.T
+        B, H, Tp, D = x.shape
+        S, C = ext.shape[2] - Tp, inverses.shape[-1]
+        chunked_beta = beta.view(B, H, Tp // C, C, len(offsets))
+        masks = _far_masks(offsets, C, x.dtype, x.device)
+        acc = torch.zeros_like(ext)  # [B, H, S + Tp, D]: cotangents of the rows, from the outputs and later rows
+        acc[:, :, S:S + T] += grad_o
+        acc[:, :, T:T + S] += grad_final
+        grad_z = torch.zeros_like(x)  # [B, H, Tp, D]
+        for c0 in reversed(range(0, Tp, C)):
+            g = inverses[:, :, c0 // C].mT @ acc[:, :, S + c0:S + c0 + C]  # [B, H, C, D]
+            grad_z[:, :, c0:c0 + C] = g
+            for k, f in enumerate(offsets):
+                weight = chunked_beta[:, :, c0 // C, :, k] * masks[k]  # [B, H, C]
+                acc[:, :, S + c0 - f:S + c0 + C - f] += weight[..., None] * g
+        grad_beta = torch.stack([(grad_z * ext[:, :, S - f:S - f + Tp]).sum(-1) for f in offsets], dim=-1)
+        grad_alpha = (grad_z * x).sum(-1)  # [B, H, Tp]
+        return alpha[..., None] * grad_z, grad_alpha, grad_beta, acc[:, :, :S], None, None
+
+
+def chunk_structured_mix(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    pattern: Offsets,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunked solve (module docstring); arguments and returns as ``naive_structured_mix``."""
+    B, T, H, D = x.shape
+    C = min(CHUNK, T)
+    pad = -T % C
+    # [B, H, Tp, ...] layouts, zero past T: padded rows read nothing and are read by nothing kept
+    x_p = F.pad(x.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, D]
+    alpha_p = F.pad(alpha.transpose(1, 2), (0, pad))  # [B, H, Tp]
+    beta_p = F.pad(beta.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, K]
+    past = x.new_zeros(B, H, pattern.max_offset, D) if initial_state is None else initial_state
+    o, final_state = _ChunkedSolve.apply(x_p, alpha_p, beta_p, past, pattern.offsets, T)
+    return o.transpose(1, 2), (final_state if output_final_state else None)
