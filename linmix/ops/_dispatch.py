@@ -127,6 +127,9 @@ class Op:
             shape)`` (a tuple of shapes for a tuple state; ``sequences`` is B, or N with
             ``cu_seqlens``). With it ``dispatch`` answers a call whose results are empty, or whose
             T is 0, without a backend (see ``dispatch``); without it every call reaches the backend.
+        counters: the indices of a tuple state's integer parts (e.g. the absolute position of the
+            next token): int64, never cast to the compute dtype and not differentiated (see
+            ``map_floating``); a state of one tensor is floating.
     """
 
     name: str
@@ -138,6 +141,7 @@ class Op:
     step: Callable
     float32_args: tuple[str, ...] = ()
     result_shapes: Callable[[dict, dict, State, int], tuple[Shape, StateShape]] | None = None
+    counters: tuple[int, ...] = ()
 
     def runnable(self, name: str, device: torch.device, settings: dict) -> bool:
         """Whether backend ``name`` runs on ``device`` (not interpreted) and takes ``settings``."""
@@ -213,6 +217,11 @@ def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State
     return fn(state)
 
 
+def map_floating(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
+    """``fn`` applied to a state's floating tensors; integer ones (counters, see ``Op.counters``) pass as they are."""
+    return map_state(lambda part: fn(part) if part.is_floating_point() else part, state)
+
+
 def _split_state(state: State, count: int) -> list[State]:
     """One state per sequence: every tensor split along dim 0 (``[N, ...]`` -> ``N`` of ``[1, ...]``)."""
     if state is None:
@@ -274,7 +283,7 @@ def _run(op: Op, name: str, tensors: dict, settings: dict, initial_state: State,
     dtype = compute_dtype(input_dtype)
     io_dtype = input_dtype if op.backends[name].native_dtypes else dtype
     tensors = {key: x.to(dtype if key in op.float32_args else io_dtype) for key, x in tensors.items()}
-    initial_state = map_state(lambda part: part.to(dtype), initial_state)
+    initial_state = map_floating(lambda part: part.to(dtype), initial_state)
     backend = functools.partial(_call_backend, op, name)
     if cu_seqlens is None:
         o, final_state = backend(**tensors, **settings, initial_state=initial_state,
@@ -311,11 +320,11 @@ def _zero_depending_on(leaves: list[torch.Tensor], device: torch.device) -> torc
     return sum((x.reshape(-1)[:0].sum().float() for x in leaves if x.requires_grad), zero)
 
 
-def _result_without_backend(tensors: dict, initial_state: State, o_shape: Shape, state_shape: StateShape,
+def _result_without_backend(op: Op, tensors: dict, initial_state: State, o_shape: Shape, state_shape: StateShape,
                             output_final_state: bool) -> tuple[torch.Tensor, State]:
     """The results of a call with nothing to compute: ``o`` of zeros (empty); the final state the initial
-    state if T = 0 (zeros if None), else zeros (empty). Gradients flow: zeros to every input, and
-    the final state's to the initial state when it passes through."""
+    state if T = 0 (zeros if None), else zeros (empty), its counters int64. Gradients flow: zeros to
+    every input, and the final state's to the initial state when it passes through."""
     first = next(iter(tensors.values()))
     dtype = compute_dtype(first.dtype)
     leaves = [*tensors.values(), *(part for _, part in _state_items("s", initial_state))]
@@ -324,9 +333,10 @@ def _result_without_backend(tensors: dict, initial_state: State, o_shape: Shape,
     if not output_final_state:
         return o, None
     if first.shape[1] == 0 and initial_state is not None:
-        return o, map_state(lambda part: part.to(dtype) + zero.to(dtype), initial_state)
-    zeros = tuple(torch.zeros(shape, dtype=dtype, device=first.device) + zero.to(dtype)
-                  for shape in _shapes_of(state_shape))
+        return o, map_floating(lambda part: part.to(dtype) + zero.to(dtype), initial_state)
+    zeros = tuple(torch.zeros(shape, dtype=torch.int64, device=first.device) if i in op.counters
+                  else torch.zeros(shape, dtype=dtype, device=first.device) + zero.to(dtype)
+                  for i, shape in enumerate(_shapes_of(state_shape)))
     return o, (zeros[0] if _is_one_shape(state_shape) else zeros)
 
 
@@ -369,7 +379,7 @@ def dispatch(op: Op, backend: str, tensors: dict[str, torch.Tensor], settings: d
         sequences = first.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         o_shape, state_shape = op.result_shapes(tensors, settings, initial_state, sequences)
         if _nothing_to_compute(first.shape[1], o_shape, state_shape, output_final_state):
-            return _result_without_backend(tensors, initial_state, o_shape, state_shape, output_final_state)
+            return _result_without_backend(op, tensors, initial_state, o_shape, state_shape, output_final_state)
     o, final_state = _run(op, name, tensors, settings, initial_state, output_final_state, cu_seqlens)
     if SETTINGS.check_finite:
         check_outputs_finite(op.name, name, [("o", o), *_state_items("final_state", final_state)])

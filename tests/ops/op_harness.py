@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from linmix.ops import OPS
-from linmix.ops._dispatch import Backend, Op, State, compute_dtype, map_state
+from linmix.ops._dispatch import Backend, Op, State, compute_dtype, map_floating, map_state
 from linmix.ops._testing import OpInputs, OpTestSpec, seeded, spec_of
 from linmix.ops.mixing_matrix import apply_mixing_matrix
 
@@ -109,7 +109,7 @@ def case_inputs(case: Case) -> OpInputs:
     state = inputs.initial_state if case.with_state else None
     if case.rounded_to is not None:
         tensors = {name: x.to(case.rounded_to).double() for name, x in tensors.items()}
-        state = map_state(lambda s: s.float().double(), state)
+        state = map_floating(lambda s: s.float().double(), state)
     return OpInputs(tensors, inputs.settings, state)
 
 
@@ -231,11 +231,22 @@ def state_items(prefix: str, state: State) -> list[tuple[str, torch.Tensor]]:
     return [(prefix, state)]
 
 
+def float_items(prefix: str, state: State) -> list[tuple[str, torch.Tensor]]:
+    """``state_items`` without the integer parts (counters, ``Op.counters``): the differentiable ones."""
+    return [(name, part) for name, part in state_items(prefix, state) if part.is_floating_point()]
+
+
+def state_to(state: State, device: str, dtype: torch.dtype) -> State:
+    """A copy of ``state`` on ``device``, its floating parts in ``dtype`` (counters keep int64)."""
+    return map_state(lambda s: s.to(device=device, dtype=dtype if s.is_floating_point() else s.dtype, copy=True),
+                     state)
+
+
 def leaves_of(inputs: OpInputs, dtype: torch.dtype, device: str) -> tuple[dict, State]:
-    """Fresh leaf copies of the inputs that require grad: tensors in ``dtype``, the state in the compute dtype."""
+    """Fresh leaf copies of the inputs that require grad: tensors in ``dtype``, the state's floating parts
+    in the compute dtype (its counters are copied, int64 and without grad)."""
     tensors = {name: x.to(device=device, dtype=dtype, copy=True).requires_grad_() for name, x in inputs.tensors.items()}
-    state = map_state(lambda s: s.to(device=device, dtype=compute_dtype(dtype), copy=True).requires_grad_(),
-                      inputs.initial_state)
+    state = map_floating(lambda s: s.requires_grad_(), state_to(inputs.initial_state, device, compute_dtype(dtype)))
     return tensors, state
 
 
@@ -247,7 +258,7 @@ def cotangent_loss(case: Case, o: torch.Tensor, final_state: State) -> torch.Ten
     """
     generator = seeded(case.dimensions, case.regime, "cpu", salt=case.salt + 1)
     total = o.new_zeros((), dtype=torch.float64)
-    for tensor in (o, *(part for _, part in state_items("s", final_state))):
+    for tensor in (o, *(part for _, part in float_items("s", final_state))):
         weights = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
         if case.rounded_to is not None:
             weights = weights.to(case.rounded_to if tensor is o else torch.float32)
@@ -256,8 +267,9 @@ def cotangent_loss(case: Case, o: torch.Tensor, final_state: State) -> torch.Ten
 
 
 def results(case: Case, tensors: dict, state: State, o: torch.Tensor, final_state: State) -> dict:
-    """``o``, the final state's tensors and the gradient ``d<name>`` of every leaf under ``cotangent_loss``."""
-    leaves = {**tensors, **dict(state_items("initial_state", state))}
+    """``o``, the final state's tensors and the gradient ``d<name>`` of every leaf under ``cotangent_loss``
+    (the initial state's counters are no leaves)."""
+    leaves = {**tensors, **dict(float_items("initial_state", state))}
     grads = torch.autograd.grad(cotangent_loss(case, o, final_state), list(leaves.values()), allow_unused=True,
                                 materialize_grads=True)
     out = {"o": o.detach(), **{name: part.detach() for name, part in state_items("final_state", final_state)}}
@@ -324,9 +336,10 @@ def join_rows(states: list[State]) -> State:
 
 
 def assert_result_dtypes(out: dict, dtype: torch.dtype) -> None:
-    """Outputs and the gradients of the tensors in ``dtype``; states and their gradients in the compute dtype."""
+    """Outputs and the gradients of the tensors in ``dtype``; states and their gradients in the compute dtype,
+    their counters in int64."""
     for name, x in out.items():
-        expected = compute_dtype(dtype) if "state" in name else dtype
+        expected = dtype if "state" not in name else compute_dtype(dtype) if x.is_floating_point() else torch.int64
         assert x.dtype == expected, f"{name} has dtype {x.dtype}, expected {expected}"
 
 

@@ -46,6 +46,7 @@ from op_harness import (
     ends,
     entries,
     exact_dtype,
+    float_items,
     is_per_token,
     leaves_of,
     matrix_params,
@@ -58,6 +59,7 @@ from op_harness import (
     run,
     skip_unless_runnable,
     state_items,
+    state_to,
     taken_regimes,
     tolerance,
 )
@@ -155,7 +157,8 @@ def state_params() -> list:
 @pytest.mark.parametrize("op_name, backend, device, regime", state_params())
 def test_final_state_contract(op_name, backend, device, regime):
     """``output_final_state=False`` gives None and the same output; outputs come in the input dtype and
-    every state tensor in float64 for float64 inputs, float32 for float32 and bf16 ones."""
+    every floating state tensor in float64 for float64 inputs, float32 for float32 and bf16 ones
+    (counters in int64)."""
     skip_unless_runnable(op_name, backend, device)
     op, case = OPS[op_name], Case(op_name, regime, 7)
     inputs = case_inputs(case)
@@ -165,7 +168,8 @@ def test_final_state_contract(op_name, backend, device, regime):
         assert o.dtype == dtype
         assert state_items("final_state", final_state), "output_final_state=True returned no state"
         for name, part in state_items("final_state", final_state):
-            assert part.dtype == compute_dtype(dtype), f"{name} is {part.dtype} for {dtype} inputs"
+            expected = compute_dtype(dtype) if part.is_floating_point() else torch.int64
+            assert part.dtype == expected, f"{name} is {part.dtype} for {dtype} inputs"
         o_alone, no_state = call(op, backend, tensors, inputs.settings, state)
         assert no_state is None
         assert torch.equal(o_alone, o)
@@ -295,7 +299,7 @@ def test_causal(op_name, backend, device, regime):
     changed = {name: (torch.cat([x[:, : t + 1], other.tensors[name][:, t + 1:]], dim=1)
                       if is_per_token(op, name, x) else x) for name, x in inputs.tensors.items()}
     dtype = exact_dtype(op.backends[backend])
-    state = map_state(lambda s: s.to(device, compute_dtype(dtype)), inputs.initial_state)
+    state = state_to(inputs.initial_state, device, compute_dtype(dtype))
     before, after = (call(op, backend, {n: x.to(device, dtype) for n, x in tensors.items()}, inputs.settings, state)[0]
                      for tensors in (inputs.tensors, changed))
     if dtype == torch.float64:
@@ -331,11 +335,11 @@ def test_compiles_without_graph_breaks(op_name, backend, device, regime):
 
     def loss(tensors, state):
         o, final_state = call(op, backend, tensors, inputs.settings, state, output_final_state=True)
-        return (o * o).sum() + sum(part.square().sum() for _, part in state_items("s", final_state))
+        return (o * o).sum() + sum(part.square().sum() for _, part in float_items("s", final_state))
 
     torch._dynamo.reset()  # a fresh cache: no case falls back to eager after too many recompiles
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    leaves = [*tensors.values(), *(part for _, part in state_items("s", state))]
+    leaves = [*tensors.values(), *(part for _, part in float_items("s", state))]
     expected, got = loss(tensors, state), compiled(tensors, state)
     assert_close("loss", expected, got, ratio=1e-6)
     grads = zip(*(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
@@ -352,7 +356,7 @@ def valid_call(op_name: str, regime: str | None = None, T: int = 5, **dims) -> d
     case = Case(op_name, regime or _spec(op_name).regimes[0], T, dims=tuple(dims.items()))
     inputs = case_inputs(case)
     return {**{name: x.float() for name, x in inputs.tensors.items()}, **inputs.settings,
-            "initial_state": map_state(lambda s: s.float(), inputs.initial_state), "backend": "auto"}
+            "initial_state": state_to(inputs.initial_state, "cpu", torch.float32), "backend": "auto"}
 
 
 BAD_INPUTS = [pytest.param(op_name, name, id=f"{op_name}-{name}") for op_name, op in OPS.items()
@@ -484,9 +488,10 @@ def test_zero_sizes_give_empty_results_or_name_the_argument(op_name, backend, de
             _assert_names_an_argument(error, [*tensors, *inputs.settings, "initial_state"])
             continue
         outputs = {"o": o, **dict(state_items("final_state", final_state))}
-        grads = torch.autograd.grad(sum(x.sum() for x in outputs.values()), list(leaves.values()),
-                                    allow_unused=True, materialize_grads=True)
-        out = {**outputs, **{f"d{name}": grad for name, grad in zip(leaves, grads, strict=True)}}
+        differentiable = {**tensors, **dict(float_items("initial_state", state))}
+        loss = sum(x.sum() for x in outputs.values() if x.is_floating_point())
+        grads = torch.autograd.grad(loss, list(differentiable.values()), allow_unused=True, materialize_grads=True)
+        out = {**outputs, **{f"d{name}": grad for name, grad in zip(differentiable, grads, strict=True)}}
         assert {name: tuple(x.shape) for name, x in out.items()} == _shapes_at_zero(op_name, regime, dim, with_state)
         assert_result_dtypes(out, torch.float32)
         if o.numel() == 0:

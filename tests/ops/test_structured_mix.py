@@ -2,8 +2,9 @@
 
 The contract suite (test_op_contract.py) checks every backend against ``naive`` from the op's
 ``testing.SPEC``; here are the facts only this op has: the offset sets, hop bounds, the lattice
-closed form, its invariant and shift-register decoding, the decode cache sizes of §3.1 and §3.4,
-and the mixing matrix ``M = (I - B)^{-1} diag(alpha)`` (row-stochastic under a slot softmax).
+closed form, its invariant and shift-register decoding, where a lattice call's reads come from
+(``Lattice.sources``), the decode cache sizes of §3.1 and §3.4, and the mixing matrix
+``M = (I - B)^{-1} diag(alpha)`` (row-stochastic under a slot softmax).
 """
 
 import pytest
@@ -128,6 +129,53 @@ def test_shift_register_decoding_holds_each_row_of_the_closed_form(f, T):
         slots = lattice.advance(slots, t + 1, t)  # 1-based token t + 1 is 0-based position t
 
 
+@pytest.mark.parametrize("f, T", [(POW2, 300), (SQ1, 300), (lambda k: 3**k, 300)], ids=["pow2", "sq1", "pow3"])
+def test_sources_follow_the_shift_register_from_any_position(f, T):
+    """``Lattice.sources(start, T)`` names, for every slot of the register before each token and after the
+    last, the initial slot or the call's output that ``advance`` leaves there (levels not reached yet
+    keep their initial slot), for calls starting anywhere around and past every level's entry."""
+    lattice = Lattice(pattern_at(f, 2 * T).offsets)
+    K = lattice.levels
+    starts = [0, 1, 2, 3, 4, 5, 9, 10, 17, 26, 63, 64, 65, 127, 128, 129, 200, 243, 1000, 4097]
+    rows, present = lattice.sources(torch.tensor(starts), T)  # [B, T + 1, K]
+    for b, start in enumerate(starts):
+        slots = list(range(K))  # ext rows: initial slot j is row j, output t of the call row K + t
+        for t in range(T + 1):
+            assert rows[b, t].tolist() == slots, f"start {start}, register before token {t}"
+            assert present[b, t].tolist() == [f_k <= start + t for f_k in lattice.offsets]
+            slots = lattice.advance(slots, start + t + 1, K + t)
+
+
+def test_sources_read_the_closed_form_where_the_call_has_the_output():
+    """A slot holding an output of the call holds the position ``index_table`` gives at the absolute position."""
+    lattice = Lattice.of(squares_plus_one(7))
+    start, T = 45, 120
+    rows, present = lattice.sources(torch.tensor([start]), T)
+    idx = lattice.index_table(start + T)[start:]  # [T, K], absolute
+    K = lattice.levels
+    inside = present[0, :T] & (idx >= start)
+    assert bool(inside[-1].all())
+    assert torch.equal(rows[0, :T][inside], (idx - start + K)[inside])
+
+
+def test_lattice_step_reads_the_reached_slots_and_advances_the_register():
+    """At position 2 of the ``2^k`` lattice (levels 0 and 1 reached) the step reads slots 0 and 1, not slot 2;
+    then slot 1 takes slot 0 and slot 0 the new output, while slot 2 (level 2, ``f = 4``) keeps its value;
+    after the next token level 2 enters with what slot 1 held."""
+    lattice = Lattice.of(powers_of_two(3))  # steps 1, 1, 2
+    slots = torch.tensor([1.0, 2.0, 3.0])[None, None, :, None]  # [1, 1, K=3, 1]
+    state = (slots, torch.tensor([2]))
+    y, (new_slots, position) = structured_mix_step(torch.ones(1, 1, 1), torch.full((1, 1), 10.0),
+                                                   torch.tensor([[[1.0, 10.0, 100.0]]]), pattern=lattice, state=state)
+    assert y.item() == 10.0 + 1.0 * 1.0 + 10.0 * 2.0
+    assert new_slots.flatten().tolist() == [31.0, 1.0, 3.0]  # i = 3: level 1 shifts (a = 1), level 2 not (f = 4 > 3)
+    assert position.tolist() == [3]
+    y, (new_slots, position) = structured_mix_step(torch.zeros(1, 1, 1), torch.zeros(1, 1),
+                                                   torch.zeros(1, 1, 3), pattern=lattice, state=(new_slots, position))
+    assert new_slots.flatten().tolist() == [0.0, 31.0, 1.0]  # i = 4: level 2 enters with slot 1's output
+    assert position.tolist() == [4]
+
+
 # ---- decode cache sizes ----------------------------------------------------------------------------
 
 
@@ -192,18 +240,30 @@ def test_slot_softmax_gives_a_row_stochastic_mixing_matrix():
     torch.testing.assert_close(M.sum(-1), torch.ones(1, 3, 60, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend, T", [("dense", 9), ("chunk", 9), ("chunk", 70)])
-def test_gradients_pass_gradcheck(backend, T):
-    """Gradients through the solve and the state against finite differences: the dense backend's
-    autograd and the chunk backend's adjoint backward (in one chunk, and across a chunk boundary)."""
-    inputs = make_inputs({"B": 1, "T": T, "H": 2, "D": 2}, "sq1_softmax", torch.Generator().manual_seed(2))
+def _leaves(inputs) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Leaf copies of ``x, alpha, beta`` and of the state's floating tensor; a lattice's position (else None)."""
     leaves = [inputs.tensors[name].clone().requires_grad_() for name in ("x", "alpha", "beta")]
-    state = inputs.initial_state.clone().requires_grad_()
+    state = inputs.initial_state
+    slots, position = state if isinstance(state, tuple) else (state, None)
+    return leaves, slots.clone().requires_grad_(), position
+
+
+@pytest.mark.parametrize("regime", ["sq1_softmax", "sq1_lattice"])
+@pytest.mark.parametrize("backend, T", [("dense", 9), ("chunk", 9), ("chunk", 70)])
+def test_gradients_pass_gradcheck(backend, T, regime):
+    """Gradients through the solve and the state against finite differences: the dense backend's
+    autograd and the chunk backend's adjoint backward (in one chunk, and across a chunk boundary),
+    for offsets and for a lattice (its slots; the position is a counter)."""
+    rows = 2 if regime.endswith("lattice") else 1  # lattice rows start at different positions
+    inputs = make_inputs({"B": rows, "T": T, "H": 2, "D": 2}, regime, torch.Generator().manual_seed(2))
+    leaves, state, position = _leaves(inputs)
     pattern = inputs.settings["pattern"]
 
     def outputs(x, alpha, beta, state):
-        return structured_mix(x, alpha, beta, pattern=pattern, initial_state=state, output_final_state=True,
-                              backend=backend)
+        initial = state if position is None else (state, position)
+        o, final = structured_mix(x, alpha, beta, pattern=pattern, initial_state=initial, output_final_state=True,
+                                  backend=backend)
+        return o, (final if position is None else final[0])
 
     assert torch.autograd.gradcheck(outputs, (*leaves, state))
 
@@ -265,7 +325,7 @@ def test_dense_recurrence_is_chacal(backend):
 
 
 @pytest.mark.parametrize("chunk", [16, 32])
-@pytest.mark.parametrize("regime", ["pow2_softmax", "dense_softmax", "near_one"])
+@pytest.mark.parametrize("regime", ["pow2_softmax", "dense_softmax", "near_one", "pow2_lattice", "sq1_lattice"])
 def test_chunk_sizes_16_and_32_match_the_reference(monkeypatch, chunk, regime):
     """§5.5: the chunked solve with C = 16 and 32 (levels at f >= C are then far only; T = 70 ends in a
     partial chunk) gives naive's outputs, final state and gradients, in float64."""
@@ -273,10 +333,13 @@ def test_chunk_sizes_16_and_32_match_the_reference(monkeypatch, chunk, regime):
     inputs = make_inputs({"B": 2, "T": 70, "H": 2, "D": 3}, regime, torch.Generator().manual_seed(5))
     results = {}
     for backend in ("naive", "chunk"):
-        leaves = [inputs.tensors[name].clone().requires_grad_() for name in ("x", "alpha", "beta")]
-        state = inputs.initial_state.clone().requires_grad_()
-        o, final = structured_mix(*leaves, pattern=inputs.settings["pattern"], initial_state=state,
+        leaves, state, position = _leaves(inputs)
+        o, final = structured_mix(*leaves, pattern=inputs.settings["pattern"],
+                                  initial_state=state if position is None else (state, position),
                                   output_final_state=True, backend=backend)
+        if position is not None:
+            assert torch.equal(final[1], position + 70)
+            final = final[0]
         loss = (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() + final.square().sum()
         results[backend] = [o, final, *torch.autograd.grad(loss, [*leaves, state])]
     for expected, got in zip(results["naive"], results["chunk"], strict=True):

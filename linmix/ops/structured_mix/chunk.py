@@ -15,12 +15,19 @@ Every far level of a chunk is one contiguous slice of ``ext`` (the pattern is tr
 invariant), masked to the rows ``i < f(k)``. Only ``ext`` and the ``T_c`` are kept for the backward.
 Cost: ``O(T C D)`` for the ``T_c`` products, ``O(T K D)`` for the far terms, ``O(T C^2)`` to build
 the inverses; sequential depth ``T / C``; memory ``O(T (D + C))``.
+
+A lattice pattern (§3.4) reads positions that depend on the absolute position, and its state is
+the shift register of K slots: ``ext`` is then the K initial slots followed by the outputs, and
+``Lattice.sources`` gives the row of ``ext`` each entry ``(t, k)`` reads (per batch row). The near
+entries are scattered into ``B_cc``, the far terms are gathers of those rows, and the backward
+scatters their cotangents back (``_LatticeSolve``); the final register is a gather of ``ext``.
 """
 
 import torch
 import torch.nn.functional as F
 
-from linmix.ops.structured_mix.patterns import Offsets
+from linmix.ops.structured_mix.dense import gather_rows
+from linmix.ops.structured_mix.patterns import Lattice, Offsets
 
 CHUNK = 64  # C: positions per chunk
 
@@ -89,15 +96,97 @@ class _ChunkedSolve(torch.autograd.Function):
         return alpha[..., None] * grad_z, grad_alpha, grad_beta, acc[:, :, :S], None, None
 
 
+def _scatter_rows(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """The adjoint of ``gather_rows``: add ``values [B, H, ..., D]`` into ``buffer [B, H, R, D]`` at
+    ``rows [B, ...]``."""
+    B, H, _, D = buffer.shape
+    flat = rows.reshape(B, 1, -1, 1).expand(B, H, -1, D)  # [B, H, M, D]
+    buffer.scatter_add_(2, flat, values.reshape(flat.shape))
+
+
+class _LatticeSolve(torch.autograd.Function):
+    """``(o, final slots)`` of the chunked solve of a lattice call: near entries in ``B_cc``, far ones gathered."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, slots, rows, present, T):
+        # x [B, H, Tp, D], alpha [B, H, Tp], beta [B, H, Tp, K] (zero past T), slots [B, H, K, D],
+        # rows [B, Tp + 1, K] into ext = [slots; outputs], present [B, Tp + 1, K]
+        B, H, Tp, D = x.shape
+        K, C = slots.shape[2], min(CHUNK, Tp)
+        N = Tp // C
+        reads = rows[:, :Tp]  # [B, Tp, K]
+        chunk_start = torch.arange(Tp, device=x.device) // C * C  # [Tp]
+        local = reads - K - chunk_start[:, None]  # [B, Tp, K], the column inside the token's own chunk if >= 0
+        weight = beta * present[:, None, :Tp].to(beta.dtype)  # [B, H, Tp, K]
+        near = (local >= 0)[:, None].to(beta.dtype)  # [B, 1, Tp, K]
+        columns = local.clamp_min(0).view(B, 1, N, C, K).expand(B, H, N, C, K)
+        near_matrix = torch.zeros(B, H, N, C, C, dtype=x.dtype, device=x.device).scatter_add_(
+            -1, columns, (weight * near).view(B, H, N, C, K))  # B_cc
+        eye = torch.eye(C, dtype=x.dtype, device=x.device)
+        inverses = torch.linalg.solve_triangular(eye - near_matrix, eye.expand_as(near_matrix), upper=False,
+                                                 unitriangular=True)  # [B, H, N, C, C]
+        far = weight * (1 - near)  # [B, H, Tp, K]
+        z = alpha[..., None] * x  # [B, H, Tp, D]
+        ext = torch.cat([slots, torch.zeros_like(x)], dim=2)  # [B, H, K + Tp, D]
+        for c0 in range(0, Tp, C):
+            gathered = gather_rows(ext, reads[:, c0:c0 + C])  # [B, H, C, K, D]
+            rhs = z[:, :, c0:c0 + C] + torch.einsum("bhik,bhikd->bhid", far[:, :, c0:c0 + C], gathered)
+            ext[:, :, K + c0:K + c0 + C] = inverses[:, :, c0 // C] @ rhs
+        ctx.save_for_backward(x, alpha, weight, far, present, rows, ext, inverses)
+        ctx.T = T
+        return ext[:, :, K:K + T].clone(), gather_rows(ext, rows[:, T])
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_final):
+        # grad_o [B, H, T, D], grad_final [B, H, K, D]
+        x, alpha, weight, far, present, rows, ext, inverses = ctx.saved_tensors
+        T = ctx.T
+        B, H, Tp, D = x.shape
+        K, C = ext.shape[2] - Tp, inverses.shape[-1]
+        reads = rows[:, :Tp]  # [B, Tp, K]
+        acc = torch.zeros_like(ext)  # [B, H, K + Tp, D]: cotangents of the rows, from the outputs and later rows
+        acc[:, :, K:K + T] += grad_o
+        _scatter_rows(acc, rows[:, T], grad_final)
+        grad_z = torch.zeros_like(x)  # [B, H, Tp, D]
+        for c0 in reversed(range(0, Tp, C)):
+            g = inverses[:, :, c0 // C].mT @ acc[:, :, K + c0:K + c0 + C]  # [B, H, C, D]
+            grad_z[:, :, c0:c0 + C] = g
+            _scatter_rows(acc, reads[:, c0:c0 + C], far[:, :, c0:c0 + C, :, None] * g[:, :, :, None])
+        grad_weight = torch.einsum("bhtd,bhtkd->bhtk", grad_z, gather_rows(ext, reads))  # [B, H, Tp, K]
+        grad_beta = grad_weight * present[:, None, :Tp].to(grad_weight.dtype)
+        grad_alpha = (grad_z * x).sum(-1)  # [B, H, Tp]
+        return alpha[..., None] * grad_z, grad_alpha, grad_beta, acc[:, :, :K], None, None, None
+
+
+def _chunk_lattice(x, alpha, beta, pattern: Lattice, initial_state, output_final_state):
+    """The chunked solve of a lattice call from ``initial_state = (slots, position)`` (zeros at 0 if None)."""
+    B, T, H, D = x.shape
+    C = min(CHUNK, T)
+    pad = -T % C
+    x_p = F.pad(x.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, D]
+    alpha_p = F.pad(alpha.transpose(1, 2), (0, pad))  # [B, H, Tp]
+    beta_p = F.pad(beta.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, K]
+    if initial_state is None:
+        slots = x.new_zeros(B, H, pattern.levels, D)
+        start = torch.zeros(B, dtype=torch.int64, device=x.device)
+    else:
+        slots, start = initial_state
+    rows, present = pattern.sources(start, T + pad)  # [B, Tp + 1, K]
+    o, final_slots = _LatticeSolve.apply(x_p, alpha_p, beta_p, slots, rows, present, T)
+    return o.transpose(1, 2), ((final_slots, start + T) if output_final_state else None)
+
+
 def chunk_structured_mix(
     x: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor,
-    pattern: Offsets,
-    initial_state: torch.Tensor | None,
+    pattern: Offsets | Lattice,
+    initial_state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
     output_final_state: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]:
     """The chunked solve (module docstring); arguments and returns as ``naive_structured_mix``."""
+    if isinstance(pattern, Lattice):
+        return _chunk_lattice(x, alpha, beta, pattern, initial_state, output_final_state)
     B, T, H, D = x.shape
     C = min(CHUNK, T)
     pad = -T % C

@@ -188,3 +188,71 @@ class Lattice:
         slots[0] = value
         return slots
 
+    def reached(self, position: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` bool: whether the token at absolute 0-based ``position`` (int64 ``[...]``) reads
+        level ``k``, i.e. ``f(k) <= position``."""
+        f, _ = self._levels_on(position.device)
+        return f <= position[..., None]
+
+    def shifting(self, i: torch.Tensor) -> torch.Tensor:
+        """``advance``'s rule on tensors: ``[..., K]`` bool, whether slot ``k`` takes slot ``k - 1`` after
+        token ``i`` (1-based, int64 ``[...]``) (slot 0, which takes the new value, always)."""
+        f, a = self._levels_on(i.device)
+        i = i[..., None]  # [..., 1]
+        return (f <= i) & (torch.remainder(i - f, a) == 0)
+
+    def sources(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the register's slots come from in a call of ``T`` tokens starting at absolute position ``start``.
+
+        Number the rows a call can read ``ext = [the K initial slots; the T outputs]``: slot ``j``
+        of the carried register is row ``j``, the call's output ``t`` row ``K + t``. Row ``t`` of the
+        result is the register before token ``t`` (0-based in the call, absolute ``start + t``), row
+        ``T`` the register after the last token: what ``advance`` from the initial slots leaves in
+        each slot. A slot that holds an output of the call holds the closed form's position
+        (``index_table``); one that holds an initial slot is traced back through the copies of
+        ``advance`` (slot ``j`` was last copied into at token ``i* <= q``, the largest with
+        ``i* ≡ f(j) mod a_j``; it came from slot ``j - 1`` before that token if ``i*`` is in the call,
+        else it is initial slot ``j``), at most K steps. A level not reached yet keeps its initial slot.
+
+        Args:
+            start: ``[B]`` int64, the absolute (0-based) position of each row's first token.
+            T: the number of tokens of the call.
+
+        Returns:
+            ``rows [B, T + 1, K]`` int64 into ``ext`` and ``present [B, T + 1, K]`` bool: whether the
+            token of row ``t`` reads level ``k`` (``f(k) <= start + t``).
+        """
+        f, a = self._levels_on(start.device)
+        K = self.levels
+        p = start[:, None, None] + torch.arange(T + 1, device=start.device)[:, None]  # [B, T + 1, 1] absolute
+        present = f <= p  # [B, T + 1, K]
+        read = a * torch.div(p + 1 - f + a - 1, a, rounding_mode="floor") - 1  # [B, T + 1, K], index_table's
+        rows = K + read - start[:, None, None]
+        traced = min(T + 1, self.offsets[-1])  # rows t >= f(K - 1) read outputs of the call only
+        if traced:
+            slot = self._initial_slots(start, p[:, :traced].expand(-1, -1, K), f, a)  # [B, traced, K]
+            from_state = (~present | (read < start[:, None, None]))[:, :traced]
+            rows[:, :traced] = torch.where(from_state, slot, rows[:, :traced])
+        return rows, present
+
+    def _initial_slots(self, start: torch.Tensor, q: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """For slot ``k`` of the register before absolute token ``q [B, R, K]``, the initial slot its value
+        came from (``sources``' trace; entries holding an output of the call give garbage, masked there)."""
+        start = start[:, None, None]  # [B, 1, 1]
+        level = torch.arange(self.levels, device=q.device).expand_as(q).clone()  # [B, R, K]
+        slot = level.clone()
+        done = torch.zeros_like(q, dtype=torch.bool)
+        for _ in range(self.levels):
+            f_j, a_j = f[level], a[level]
+            last = q - torch.remainder(q - f_j, a_j)  # the latest token i <= q that copies into slot j
+            copied = (q >= f_j) & (last > start)
+            slot = torch.where(~done & ~copied, level, slot)
+            done = done | ~copied | (level == 0)  # slot 0 copied in the call holds an output
+            level = torch.where(done, level, level - 1)
+            q = torch.where(done, q, last - 1)
+        return slot
+
+    def _levels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``f(k)`` and ``a_k`` as int64 ``[K]`` tensors on ``device``."""
+        return (torch.tensor(self.offsets, device=device), torch.tensor(self.steps, device=device))
+

@@ -13,13 +13,18 @@ recurrent coefficient is below 1):
   copies along long paths with coefficients near 1);
 * ``signed``: {1, 2, 4, 8}, signed coefficients, ``sum |beta| + |alpha|`` rescaled to 0.95, some
   entries exactly 0;
-* ``tiny``: {1, 2}, ``beta`` of size 1e-3 and both signs, ``alpha`` standard normal.
+* ``tiny``: {1, 2}, ``beta`` of size 1e-3 and both signs, ``alpha`` standard normal;
+* ``pow2_lattice``, ``sq1_lattice``: the lattice versions (§3.4) of {1, 2, 4, ..., 128} (steps
+  1, 1, 2, 4, ...) and of {1, 2, 5, 10, 17, 26} (steps 1, 1, 3, 6, 12, 12), softmax coefficients.
+  Their initial state is the shift register (standard normal slots) at a random absolute position
+  in [0, 300) per batch row, so that calls start mid-lattice, before and after every level is reached.
 """
 
 import torch
 
 from linmix.ops._testing import BadInput, OpInputs, OpTestSpec, rand, randn, replaced
 from linmix.ops.mixing_matrix import structured_mix_matrix
+from linmix.ops.structured_mix.dense import lattice_system
 from linmix.ops.structured_mix.patterns import (
     Lattice,
     Offsets,
@@ -40,7 +45,10 @@ PATTERNS = {
     "peaked_softmax": Offsets((1, 2, 5, 10), "sq1_4"),
     "signed": powers_of_two(4),
     "tiny": kth_order(2),
+    "pow2_lattice": Lattice.of(powers_of_two(8)),
+    "sq1_lattice": Lattice.of(squares_plus_one(6)),
 }
+LATTICE_POSITIONS = 300  # the initial positions of the lattice regimes lie in [0, LATTICE_POSITIONS)
 REGIMES = tuple(PATTERNS)
 
 
@@ -64,15 +72,20 @@ def coefficients(regime: str, B: int, T: int, H: int, generator: torch.Generator
 
 
 def make_inputs(dims: dict, regime: str, generator: torch.Generator) -> OpInputs:
-    """x ``[B, T, H, D]``, the regime's coefficients and pattern, and an initial state ``[B, H, S, D]``."""
+    """x ``[B, T, H, D]``, the regime's coefficients and pattern, and an initial state: ``[B, H, S, D]``, or
+    a lattice's ``(slots [B, H, K, D], position [B] int64)``."""
     if regime not in PATTERNS:
         raise ValueError(f"unknown structured_mix regime {regime!r}; regimes: {', '.join(REGIMES)}")
     B, T, H, D = (dims[key] for key in "BTHD")
     pattern = PATTERNS[regime]
     x = randn(generator, B, T, H, D)
     alpha, beta = coefficients(regime, B, T, H, generator)
-    return OpInputs({"x": x, "alpha": alpha, "beta": beta}, {"pattern": pattern},
-                    randn(generator, B, H, pattern.max_offset, D))
+    if isinstance(pattern, Lattice):
+        slots = randn(generator, B, H, pattern.levels, D)
+        state = (slots, (LATTICE_POSITIONS * rand(generator, B)).long())
+    else:
+        state = randn(generator, B, H, pattern.max_offset, D)
+    return OpInputs({"x": x, "alpha": alpha, "beta": beta}, {"pattern": pattern}, state)
 
 
 def _bad_inputs() -> dict[str, BadInput]:
@@ -95,14 +108,24 @@ def _bad_inputs() -> dict[str, BadInput]:
                                r"beta has dtype torch.float64 but x has torch.float32"),
         "alpha_device": BadInput(replaced(alpha=torch.empty(B, T, H, device="meta")), ValueError, r"alpha is on meta"),
         "pattern_str": BadInput(replaced(pattern="pow2"), TypeError,
-                                r"pattern must be an Offsets pattern or a sequence of ints, got str"),
+                                r"pattern must be an Offsets or Lattice pattern or a sequence of ints, got str"),
         "pattern_not_increasing": BadInput(replaced(pattern=(2, 1)), ValueError,
                                            r"offsets must be positive and strictly increasing, got \[2, 1\]"),
         "pattern_zero_offset": BadInput(replaced(pattern=(0, 1)), ValueError, r"offsets must be positive"),
         "pattern_float": BadInput(replaced(pattern=(1.0,)), TypeError, r"offsets must hold ints"),
         "pattern_empty": BadInput(replaced(pattern=()), ValueError, r"offsets must hold at least one offset"),
-        "pattern_lattice": BadInput(replaced(pattern=Lattice((1, 2))), ValueError,
-                                    r"pattern 'lattice' is a lattice pattern"),
+        "lattice_state_tensor": BadInput(replaced(pattern=Lattice((1,)), initial_state=z(B, H, 1, D)), TypeError,
+                                         r"initial_state of a lattice pattern must be a tuple \(slots \[B, H, K, D\], "
+                                         r"position \[B\] int64\), got Tensor"),
+        "lattice_position_float": BadInput(replaced(pattern=Lattice((1,)), initial_state=(z(B, H, 1, D), z(B))),
+                                           TypeError, r"initial_state\[1\] must be an int64 torch.Tensor .*got "
+                                           r"torch.float32"),
+        "lattice_position_shape": BadInput(
+            replaced(pattern=Lattice((1,)), initial_state=(z(B, H, 1, D), torch.zeros(B, 1, dtype=torch.int64))),
+            ValueError, r"initial_state\[1\] must have shape \[B\] .*= \[2\], got \[2, 1\]"),
+        "lattice_slots_levels": BadInput(
+            replaced(pattern=Lattice((1,)), initial_state=(z(B, H, 2, D), torch.zeros(B, dtype=torch.int64))),
+            ValueError, r"initial_state\[0\] must have shape \[B, H, K, D\] .*= \[2, 2, 1, 5\], got \[2, 2, 2, 5\]"),
         "initial_state_shape": BadInput(replaced(initial_state=z(B, H, 2, D)), ValueError,
                                         r"initial_state must have shape \[B, H, S, D\] .* = \[2, 2, 1, 5\]"),
         "initial_state_int": BadInput(replaced(initial_state=torch.zeros(B, H, 1, D, dtype=torch.int64)), TypeError,
@@ -117,8 +140,19 @@ def _bad_inputs() -> dict[str, BadInput]:
 
 
 def mixing_matrix(tensors: dict, settings: dict, backend: str) -> torch.Tensor:
-    """``(I - B)^{-1} diag(alpha)`` of the regime's offsets ``[B, H, T, T]``, the same on every backend."""
-    return structured_mix_matrix(tensors["alpha"], tensors["beta"], settings["pattern"].offsets)
+    """``(I - B)^{-1} diag(alpha)`` of the regime's pattern ``[B, H, T, T]``, the same on every backend.
+
+    For a lattice, B is the dense backend's (``lattice_system``) from position 0, where no entry reads
+    the state (``linmix.ops.mixing_matrix.structured_mix_matrix`` takes translation-invariant offsets).
+    """
+    alpha, beta, pattern = tensors["alpha"], tensors["beta"], settings["pattern"]
+    if not isinstance(pattern, Lattice):
+        return structured_mix_matrix(alpha, beta, pattern.offsets)
+    B, T = beta.shape[:2]
+    rows, present = pattern.sources(torch.zeros(B, dtype=torch.int64, device=beta.device), T)  # [B, T + 1, K]
+    system = lattice_system(beta, rows[:, :T], present[:, :T])  # [B, H, T, T]
+    return torch.linalg.solve_triangular(system, torch.diag_embed(alpha.transpose(1, 2)), upper=False,
+                                         unitriangular=True)
 
 
 SPEC = OpTestSpec(
