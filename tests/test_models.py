@@ -34,6 +34,9 @@ MODELS = {
     "kops-adaptive": ("kops-wt2-v2", {**SMALL_KSTACK, "vocab_size": 300, "embed_dim": 12, "adaptive_cutoffs": (50, 150)}),
     "nanogpt-ts": ("nanogpt-ts", SMALL_GPT),
     "gka-ts": ("gka-ts", {"d_model": 16, "n_layers": 2, "context_length": 40}),
+    "structured-ts-sq1": ("structured-ts-sq1", {"d_model": 16, "n_layers": 2, "context_length": 40}),
+    "structured-offsets": ("structured-ts-pow2", {"d_model": 16, "n_layers": 2, "context_length": 40, "pattern": "pow2",
+                                                  "coefficients": "normalized_gates", "signed": True}),
     "kstack-attention": ("kops-ts-v2", {"d_model": 24, "context_length": 40, "n_k2": 2, "kbase": "none",
                                         "mixer": "attention", "mixer_kwargs": {"n_heads": 2}}),
 }

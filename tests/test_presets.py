@@ -21,6 +21,10 @@ EXPECTED_TOTALS = {
     "kda-ts": 839_688,
     "pkda-ts": 841_760,
     "gka-ts": 807_968,  # gdn-ts + 4 layers x (2 x 128 alpha gate weights + 4 beta and alpha biases)
+    # deltanet-ts without the beta gate (4 layers x 2 x 128) plus the level biases (4 layers x 2 heads x
+    # (1 + 8) for 2^j, (1 + 16) for j^2 + 1).
+    "structured-ts-pow2": 804_936,
+    "structured-ts-sq1": 805_000,
 }
 
 

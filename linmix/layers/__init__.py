@@ -33,6 +33,7 @@ from linmix.layers.registry import (
     register_mixer,
 )
 from linmix.layers.short_conv import ShortConv
+from linmix.layers.structured import StructuredConfig, StructuredMixer
 
 __all__ = [
     "MIXERS",
@@ -62,6 +63,8 @@ __all__ = [
     "PreconditionedKDA",
     "RMSNorm",
     "ShortConv",
+    "StructuredConfig",
+    "StructuredMixer",
     "build_mixer",
     "make_norm",
     "mixer_config",

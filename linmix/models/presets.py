@@ -95,6 +95,15 @@ _DELTA_TS_MIXERS = {
     "gka": ("Gated KalmaNet", {"n_heads": 2, "use_gate": False}),
 }
 
+# The structured mixer (spec/structured_mixing.md §5.3: slot softmax, direct readout) in the same backbone:
+# 2 heads of 64, short convolutions on q, k and v as every other *-ts preset, and the cache-efficient
+# lattice patterns (§3.4) with their levels from the context length (256): 2^j for j < 8 (decoding
+# keeps 8 slots) and j^2 + 1 for j < 16 (16 slots).
+_STRUCTURED_TS_PATTERNS = {
+    "pow2": "the 2^j lattice (8 levels)",
+    "sq1": "the j^2 + 1 lattice (16 levels)",
+}
+
 _PRESET_LIST = [
     Preset(
         "kops-ts-v1",
@@ -162,6 +171,18 @@ _PRESET_LIST = [
             DELTA_TS_TRAIN,
         )
         for mixer, (title, mixer_kwargs) in _DELTA_TS_MIXERS.items()
+    ),
+    *(
+        Preset(
+            f"structured-ts-{pattern}",
+            f"Structured GLR over {levels}, slot softmax, Tiny Shakespeare char: "
+            "4 blocks of width 128, 2 heads of 64, about kops-ts-v2's size",
+            "lm",
+            {**_DELTA_TS, "mixer": "structured",
+             "mixer_kwargs": {"n_heads": 2, "pattern": f"{pattern}_lattice", "use_short_conv": True}},
+            DELTA_TS_TRAIN,
+        )
+        for pattern, levels in _STRUCTURED_TS_PATTERNS.items()
     ),
 ]
 
