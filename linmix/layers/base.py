@@ -22,6 +22,20 @@ import torch
 from torch import nn
 
 
+def check_head_config(config) -> None:
+    """The checks every multi-head mixer config shares: ``d_model``, ``n_heads``, ``conv_size`` and
+    ``context_length`` at least 1, and ``head_dim`` either >= 1 or None with ``d_model`` a multiple of
+    ``n_heads``. Raises ValueError naming the field."""
+    for name in ("d_model", "n_heads", "conv_size", "context_length"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.head_dim is None and config.d_model % config.n_heads:
+        raise ValueError(f"d_model={config.d_model} must be a multiple of n_heads={config.n_heads} "
+                         "when head_dim is not given")
+    if config.head_dim is not None and config.head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {config.head_dim}")
+
+
 class Mixer(nn.Module, metaclass=abc.ABCMeta):
     """Base class of the token mixers: subclasses implement ``forward`` and ``init_state``.
 

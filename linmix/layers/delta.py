@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from linmix.layers.base import Mixer
+from linmix.layers.base import Mixer, check_head_config
 from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
 from linmix.layers.short_conv import ShortConv
@@ -84,14 +84,7 @@ class DeltaRuleConfig:
     context_length: int = 256
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "conv_size", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads} "
-                             "when head_dim is not given")
-        if self.head_dim is not None and self.head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
+        check_head_config(self)
         if self.n_v_heads is not None and (self.n_v_heads < 1 or self.n_v_heads % self.n_heads):
             raise ValueError(f"n_v_heads={self.n_v_heads} must be a positive multiple of n_heads={self.n_heads}")
         value_width = self.key_head_dim * self.expand_v

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from linmix.layers.base import Mixer
+from linmix.layers.base import Mixer, check_head_config
 from linmix.layers.delta import INIT_STD, bench_config, log_uniform_a_log, mamba_dt_bias, mamba_log_decay
 from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
@@ -75,14 +75,7 @@ class GKAConfig:
     context_length: int = 256
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "conv_size", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads} "
-                             "when head_dim is not given")
-        if self.head_dim is not None and self.head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
+        check_head_config(self)
         if not (math.isfinite(self.ridge) and self.ridge > 0):
             raise ValueError(f"ridge must be a finite number > 0 (lambda = ridge * ||H||_F), got {self.ridge}")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from linmix.layers.base import Mixer
+from linmix.layers.base import Mixer, check_head_config
 from linmix.layers.delta import INIT_STD
 from linmix.layers.registry import register_mixer
 from linmix.layers.short_conv import ShortConv
@@ -121,14 +121,7 @@ class StructuredConfig:
     context_length: int = 256
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "conv_size", "context_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads} "
-                             "when head_dim is not given")
-        if self.head_dim is not None and self.head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {self.head_dim}")
+        check_head_config(self)
         for name, choices in (("pattern", PATTERNS), ("coefficients", COEFFICIENTS), ("readout", READOUTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
