@@ -16,8 +16,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        """Normalised in at least float32 (float64 stays float64), returned in x's dtype times the scale."""
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from linmix.layers.base import Mixer, check_head_config
 from linmix.layers.delta import INIT_STD
+from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
 from linmix.layers.short_conv import ShortConv
 from linmix.ops import structured_mix, structured_mix_step
@@ -189,8 +190,6 @@ class StructuredMixer(Mixer):
         super().__init__()
         self.config = config
         self.pattern = config.pattern_object
-        if isinstance(self.pattern, Lattice):
-            self.pattern.steps  # computes the cached lattice steps now: torch.compile cannot trace their first lock
         d, H, K, L = config.d_model, config.n_heads, config.key_head_dim, self.pattern.levels
         self.softmax = config.coefficients == "slot_softmax"
         self.uses_qk = self.softmax or config.readout == "kernel"
@@ -203,8 +202,7 @@ class StructuredMixer(Mixer):
             self.no_weight_decay = ("slot_bias",)
         else:
             self.gate_proj = nn.Linear(d, H * (1 + L))  # r_0 (direct), then r_j per level, per head
-        # torch's RMSNorm (eps inside the square root, like linmix's) keeps a float64 model in float64.
-        self.o_norm = nn.RMSNorm(K, eps=config.norm_eps)
+        self.o_norm = RMSNorm(K, eps=config.norm_eps)
         self.o_proj = nn.Linear(H * K, d, bias=False)
         for module in self.modules():
             if isinstance(module, nn.Linear):

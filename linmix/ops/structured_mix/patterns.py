@@ -19,10 +19,9 @@ lambda k: 2 ** k, 4096))`` is the paper's ``2^k`` pattern at ``n = 4096`` (12 le
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,12 +128,19 @@ class Lattice:
 
     offsets: tuple[int, ...]
     name: str = "lattice"
+    steps: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """``a_k``: 1, 1, 2, 4, 8, ... for ``2^k``; 1, 1, 3, 6, 12, 12, 12, 24, ... for ``k^2 + 1`` (set at
+    construction, a plain attribute that ``torch.compile`` reads like any other)."""
 
     def __post_init__(self) -> None:
         offsets = _check_offsets(self.offsets, "offsets")
         if offsets[0] != 1:
             raise ValueError(f"offsets of a lattice pattern must start at f(0) = 1, got {list(offsets)}")
         object.__setattr__(self, "offsets", offsets)
+        steps = [1]
+        for low, high in zip(offsets, offsets[1:]):
+            steps.append(steps[-1] * math.ceil((high - low) / steps[-1]))
+        object.__setattr__(self, "steps", tuple(steps))
 
     @classmethod
     def of(cls, pattern: Offsets) -> Lattice:
@@ -145,14 +151,6 @@ class Lattice:
     def levels(self) -> int:
         """K, the number of levels (and of decoder slots)."""
         return len(self.offsets)
-
-    @functools.cached_property
-    def steps(self) -> tuple[int, ...]:
-        """``a_k``: 1, 1, 2, 4, 8, ... for ``2^k``; 1, 1, 3, 6, 12, 12, 12, 24, ... for ``k^2 + 1``."""
-        steps = [1]
-        for low, high in zip(self.offsets, self.offsets[1:]):
-            steps.append(steps[-1] * math.ceil((high - low) / steps[-1]))
-        return tuple(steps)
 
     def index_table(self, T: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """``idx [T, K]`` int64, 0-based: ``a_k * ceil((t + 1 - f(k)) / a_k) - 1`` where ``f(k) <= t``, else -1."""
