@@ -484,3 +484,15 @@ def test_usage_errors_exit_2_with_one_line(flags, message, capsys):
     assert main(["bench", *flags, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_sdpa_baseline_repeats_query_and_key_heads_for_grouped_values():
+    """GVA (8 value heads over 2 key heads): the attention baseline gets the op's 8 output heads, value head j
+    attending with key head j // 4, and runs."""
+    from linmix.bench.baselines import causal_sdpa, heads_first
+
+    q, k, v = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2, 4), torch.randn(1, 5, 8, 4)
+    prepared = heads_first(q, k, v)
+    assert [x.shape for x in prepared.values()] == [torch.Size([1, 8, 5, 4])] * 3
+    assert torch.equal(prepared["q"][:, 5], q[:, :, 1]) and torch.equal(prepared["k"][:, 3], k[:, :, 0])
+    assert causal_sdpa(prepared).shape == (1, 8, 5, 4)

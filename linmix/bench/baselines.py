@@ -38,7 +38,15 @@ class Baseline:
 
 
 def heads_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``q, k, v`` from ``[B, T, H, D]`` to ``[B, H, T, D]``, ``v`` cut or zero-padded to ``q``'s width."""
+    """``q, k, v`` from ``[B, T, H, D]`` to ``[B, H, T, D]``, ``v`` cut or zero-padded to ``q``'s width.
+
+    With more value heads than query heads (GVA: ``HV`` a multiple of ``H``, value head ``j`` reading
+    key head ``j // (HV // H)``), each query and key head is repeated for its value heads, so that the
+    attention has the op's ``HV`` output heads.
+    """
+    groups = v.shape[2] // q.shape[2]
+    if groups > 1 and v.shape[2] % q.shape[2] == 0:
+        q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
     width = q.shape[-1]
     v = F.pad(v, (0, max(0, width - v.shape[-1])))[..., :width]
     return {name: x.transpose(1, 2).contiguous() for name, x in (("q", q), ("k", k), ("v", v))}
