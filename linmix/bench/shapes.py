@@ -20,6 +20,22 @@ def tsweep(**fixed: int) -> list[dict]:
     return [{"B": TOKENS_PER_BATCH // T, "T": T, **fixed} for T in TSWEEP_LENGTHS]
 
 
+HEAD_SHAPE_KEYS = ("B", "T", "H", "K", "V")
+
+
+def head_shape_sets() -> dict[str, list[dict]]:
+    """The sets of an op with ``B, T, H, K, V`` shapes (decayed_attention, delta_rule, gated_kalman):
+    fla's shapes; ``fla_long``, one 16k sequence (the decoding prefill); the T sweep at H = 16,
+    K = V = 128; ``k2``, the K2 layer's widths (one head, K = 32, V = 1024); ``small``, for the CPU."""
+    return {
+        "fla": [{"B": B, "T": T, "H": H, "K": D, "V": D} for B, T, H, D in FLA_SHAPES],
+        "fla_long": [{"B": 1, "T": 16384, "H": 16, "K": 128, "V": 128}],
+        "tsweep": tsweep(H=16, K=128, V=128),
+        "k2": tsweep(H=1, K=32, V=1024),
+        "small": [{"B": 2, "T": 64, "H": 2, "K": 16, "V": 16}, {"B": 1, "T": 130, "H": 2, "K": 16, "V": 32}],
+    }
+
+
 def shape_label(keys: tuple[str, ...], shape: dict) -> str:
     """A compact label of a shape, e.g. ``"B8 T2048 H16 K128 V128"``."""
     return " ".join(f"{key}{shape[key]}" for key in keys)

@@ -36,6 +36,21 @@ def check_head_config(config) -> None:
         raise ValueError(f"head_dim must be >= 1, got {config.head_dim}")
 
 
+def init_linear_layers(module: nn.Module, std: float) -> None:
+    """Every ``nn.Linear`` inside ``module``: weights N(0, std^2), biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def check_mixer_input(x: torch.Tensor, ndim: int, d_model: int) -> None:
+    """ValueError unless ``x`` is ``[B, T, d]`` (``ndim`` 3, a sequence) or ``[B, d]`` (``ndim`` 2, a step)."""
+    if x.dim() != ndim or x.shape[-1] != d_model:
+        raise ValueError(f"x must be [B, T, {d_model}] (x_t [B, {d_model}] for a step), got {list(x.shape)}")
+
+
 class Mixer(nn.Module, metaclass=abc.ABCMeta):
     """Base class of the token mixers: subclasses implement ``forward`` and ``init_state``.
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from linmix.layers.base import Mixer, check_head_config
+from linmix.layers.base import Mixer, check_head_config, check_mixer_input, init_linear_layers
 from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
 from linmix.layers.short_conv import ShortConv
@@ -281,11 +281,7 @@ class DeltaRuleMixer(Mixer):
         else:
             self.o_gate_proj = nn.Linear(d, HV * V, bias=False)
         self.o_proj = nn.Linear(HV * V, d, bias=False)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=INIT_STD)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self, INIT_STD)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict:
         """The state before position 0: zero recurrent state(s) and zero conv inputs."""
@@ -299,11 +295,6 @@ class DeltaRuleMixer(Mixer):
         if self.conv is not None:
             state["conv"] = self.conv.init_cache(batch_size, device, dtype)
         return state
-
-    def _check(self, x: torch.Tensor, ndim: int) -> None:
-        d = self.config.d_model
-        if x.dim() != ndim or x.shape[-1] != d:
-            raise ValueError(f"x must be [B, T, {d}] (x_t [B, {d}] for a step), got {list(x.shape)}")
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., 2HK + HV V] -> q, k [..., H, K] and v [..., HV, V]."""
@@ -344,7 +335,7 @@ class DeltaRuleMixer(Mixer):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
-        self._check(x, 3)
+        check_mixer_input(x, 3, self.config.d_model)
         qkv = self.qkv_proj(x)  # [B, T, 2HK + HV V]
         conv_cache = None
         if self.conv is not None:
@@ -368,7 +359,7 @@ class DeltaRuleMixer(Mixer):
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Decode one position in O(HV K V) time and memory: x_t [B, d] -> (y_t [B, d], state)."""
-        self._check(x_t, 2)
+        check_mixer_input(x_t, 2, self.config.d_model)
         qkv = self.qkv_proj(x_t)  # [B, 2HK + HV V]
         new_state = {}
         if self.conv is not None:

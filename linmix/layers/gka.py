@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from linmix.layers.base import Mixer, check_head_config
+from linmix.layers.base import Mixer, check_head_config, check_mixer_input, init_linear_layers
 from linmix.layers.delta import INIT_STD, bench_config, log_uniform_a_log, mamba_dt_bias, mamba_log_decay
 from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
@@ -130,11 +130,7 @@ class GatedKalmaNet(Mixer):
         self.o_norm = RMSNorm(K, eps=config.norm_eps)
         self.o_gate_proj = nn.Linear(d, H * K, bias=False) if config.use_gate else None
         self.o_proj = nn.Linear(H * K, d, bias=False)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=INIT_STD)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self, INIT_STD)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict:
         """The state before position 0: zero H and U and zero conv inputs."""
@@ -142,11 +138,6 @@ class GatedKalmaNet(Mixer):
         state_dtype = torch.promote_types(dtype, torch.float32)
         gram = torch.zeros(batch_size, H, K, K, device=device, dtype=state_dtype)
         return {"recurrent": (gram, torch.zeros_like(gram)), "conv": self.conv.init_cache(batch_size, device, dtype)}
-
-    def _check(self, x: torch.Tensor, ndim: int) -> None:
-        d = self.config.d_model
-        if x.dim() != ndim or x.shape[-1] != d:
-            raise ValueError(f"x must be [B, T, {d}] (x_t [B, {d}] for a step), got {list(x.shape)}")
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[..., 3HK] after the convolution -> L2-normalised q, k and v, each [..., H, K]."""
@@ -176,7 +167,7 @@ class GatedKalmaNet(Mixer):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
-        self._check(x, 3)
+        check_mixer_input(x, 3, self.config.d_model)
         cfg = self.config
         qkv, conv_cache = self.conv(self.qkv_proj(x), None if state is None else state["conv"])  # [B, T, 3HK]
         q, k, v = self._qkv(qkv)  # [B, T, H, K] each
@@ -194,7 +185,7 @@ class GatedKalmaNet(Mixer):
 
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Decode one position in O(iters H K^2) time and O(H K^2) memory: x_t [B, d] -> (y_t [B, d], state)."""
-        self._check(x_t, 2)
+        check_mixer_input(x_t, 2, self.config.d_model)
         cfg = self.config
         qkv, conv_cache = self.conv.step(self.qkv_proj(x_t), state["conv"])  # [B, 3HK]
         q, k, v = self._qkv(qkv)  # [B, H, K] each

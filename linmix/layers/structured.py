@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from linmix.layers.base import Mixer, check_head_config
+from linmix.layers.base import Mixer, check_head_config, check_mixer_input, init_linear_layers
 from linmix.layers.delta import INIT_STD
 from linmix.layers.norms import RMSNorm
 from linmix.layers.registry import register_mixer
@@ -204,11 +204,7 @@ class StructuredMixer(Mixer):
             self.gate_proj = nn.Linear(d, H * (1 + L))  # r_0 (direct), then r_j per level, per head
         self.o_norm = RMSNorm(K, eps=config.norm_eps)
         self.o_proj = nn.Linear(H * K, d, bias=False)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=INIT_STD)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self, INIT_STD)
 
     @property
     def mix_width(self) -> int:
@@ -233,11 +229,6 @@ class StructuredMixer(Mixer):
         if self.conv is not None:
             state["conv"] = self.conv.init_cache(batch_size, device, dtype)
         return state
-
-    def _check(self, x: torch.Tensor, ndim: int) -> None:
-        d = self.config.d_model
-        if x.dim() != ndim or x.shape[-1] != d:
-            raise ValueError(f"x must be [B, T, {d}] (x_t [B, {d}] for a step), got {list(x.shape)}")
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """[..., C] -> q, k (None when unused) and v, each [..., H, K]."""
@@ -326,7 +317,7 @@ class StructuredMixer(Mixer):
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         """x [B, T, d] -> (y [B, T, d], state). With state=None no state is returned."""
-        self._check(x, 3)
+        check_mixer_input(x, 3, self.config.d_model)
         batch, length, _ = x.shape
         qkv = self.qkv_proj(x)  # [B, T, C]
         conv_cache = None
@@ -357,7 +348,7 @@ class StructuredMixer(Mixer):
     def step(self, x_t: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """Decode one position in O(L H K) time (O(L H K^2) with the kernel readout) from the last S
         outputs: x_t [B, d] -> (y_t [B, d], state)."""
-        self._check(x_t, 2)
+        check_mixer_input(x_t, 2, self.config.d_model)
         qkv = self.qkv_proj(x_t)  # [B, C]
         new_state = {}
         if self.conv is not None:

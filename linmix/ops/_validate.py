@@ -12,6 +12,11 @@ from numbers import Real
 import torch
 
 
+def layout(step: bool, *dims: str) -> str:
+    """The layout string of a per-token tensor in messages: ``[B, T, H, K]``, or ``[B, H, K]`` for a step."""
+    return "[" + ", ".join(("B",) if step else ("B", "T")) + "".join(f", {d}" for d in dims) + "]"
+
+
 def shape_str(tensor: torch.Tensor) -> str:
     """Format a tensor's shape as ``[2, 7, 3]`` for error messages."""
     return "[" + ", ".join(str(n) for n in tensor.shape) + "]"

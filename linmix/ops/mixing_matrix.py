@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from linmix.ops.common.chunk import segsum
 from linmix.ops.delta_rule.precond import DiagonalPreconditioner, write_gain
 from linmix.ops.gated_kalman.solve import token_exact_solve, token_solve
 
@@ -44,26 +45,6 @@ def apply_mixing_matrix(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.movedim(1, -2)).movedim(-2, 1)
 
 
-def segment_sums(log_decay: torch.Tensor) -> torch.Tensor:
-    """``out[..., t, s] = sum_{s < l <= t} log_decay[..., l]`` for ``s <= t``, ``-inf`` above the diagonal.
-
-    Each entry is its own sum in order (no difference of cumulative sums), so ``exp`` of it is the
-    decay product from ``s`` to ``t`` exactly as a recurrence multiplies it, resets included.
-
-    Args:
-        log_decay: ``[..., T]``.
-
-    Returns:
-        ``[..., T, T]``.
-    """
-    T = log_decay.shape[-1]
-    after = torch.ones(T, T, dtype=torch.bool, device=log_decay.device).tril(-1)  # [l, s]: l > s
-    terms = log_decay[..., :, None].expand(*log_decay.shape, T).masked_fill(~after, 0.0)  # [..., l, s]
-    sums = terms.cumsum(dim=-2)  # [..., t, s]
-    causal = torch.ones(T, T, dtype=torch.bool, device=log_decay.device).tril()
-    return sums.masked_fill(~causal, -torch.inf)
-
-
 def _decays(log_decay: torch.Tensor) -> torch.Tensor:
     """``Gamma[b, h, c, t, s] = prod_{l=s+1..t} exp(log_decay[b, l, h, c])``, zero above the diagonal.
 
@@ -73,7 +54,7 @@ def _decays(log_decay: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, H, C, T, T]``.
     """
-    return torch.exp(segment_sums(log_decay.permute(0, 2, 3, 1)))
+    return torch.exp(segsum(log_decay.permute(0, 2, 3, 1)))
 
 
 def decayed_attention_matrix(q: torch.Tensor, k: torch.Tensor, log_gamma: torch.Tensor, *,

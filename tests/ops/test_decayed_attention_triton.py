@@ -46,10 +46,9 @@ def test_float64_runs_the_chunked_form():
     assert all(torch.equal(chunk[name], triton[name]) for name in chunk)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="checks CPU tensors without the interpreter")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v, log_gamma, _ = _tensors(Case(OP.name, "const_small", 5))
+    q, k, v, log_gamma = (x.float() for x in case_inputs(Case(OP.name, "const_small", 5)).tensors.values())  # CPU
     with pytest.raises(ValueError, match=r"backend 'triton' of decayed_attention needs CUDA tensors, got cpu"):
         decayed_attention(q, k, v, log_gamma, backend="triton")
 

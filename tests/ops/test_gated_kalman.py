@@ -21,7 +21,8 @@ from op_harness import Case, case_inputs, gpu_only, leaves_of, reference, run
 
 from linmix.ops import decayed_attention, gated_kalman
 from linmix.ops._dispatch import installed
-from linmix.ops.gated_kalman.chunk import gram_norms_squared, segsum
+from linmix.ops.common.chunk import segsum
+from linmix.ops.gated_kalman.chunk import gram_norms_squared
 from linmix.ops.gated_kalman.solve import chebyshev, token_chebyshev, token_exact_solve, token_matrix, token_solve
 from linmix.ops.gated_kalman.testing import SPEC
 from linmix.ops.gated_kalman.triton import precision_for
@@ -257,7 +258,6 @@ def test_triton_float64_runs_the_chunked_form():
 
 
 @needs_triton
-@pytest.mark.skipif(DEVICE != "cpu", reason="checks CPU tensors without the interpreter")
 def test_triton_needs_cuda_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     inputs = case_inputs(Case("gated_kalman", "typical", 5))

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
+from linmix.ops.common.chunk import segsum
 from linmix.ops.mixing_matrix import (
     apply_mixing_matrix,
     decayed_attention_matrix,
     delta_rule_matrix,
-    segment_sums,
     softmax_attention_matrix,
     structured_mix_matrix,
 )
@@ -42,14 +42,14 @@ def test_softmax_attention_matrix_is_causal_sdpa(T):
 
 
 def test_segment_sums_are_the_decay_products():
-    """``exp(segment_sums(g))[t, s]`` is ``prod_{l=s+1..t} exp(g_l)`` below the diagonal, 1 on it, 0 above."""
+    """``exp(segsum(g))[t, s]`` is ``prod_{l=s+1..t} exp(g_l)`` below the diagonal, 1 on it, 0 above."""
     generator = torch.Generator().manual_seed(0)
     g = -torch.rand(5, generator=generator, dtype=torch.float64)
     expected = torch.zeros(5, 5, dtype=torch.float64)
     for t in range(5):
         for s in range(t + 1):
             expected[t, s] = math.prod(math.exp(g[l]) for l in range(s + 1, t + 1))
-    assert_close("decays", expected, torch.exp(segment_sums(g)), ratio=1e-15)
+    assert_close("decays", expected, torch.exp(segsum(g)), ratio=1e-15)
 
 
 def test_scalar_decay_is_one_semiseparable():
@@ -84,6 +84,6 @@ def test_structured_mix_first_order_is_a_gated_recurrence():
     generator = torch.Generator().manual_seed(3)
     alpha = _normal(generator, B, T, H)
     beta = torch.rand(B, T, H, 1, generator=generator, dtype=torch.float64)
-    products = torch.exp(segment_sums(torch.log(beta[..., 0]).transpose(1, 2)))  # [B, H, T, T]
+    products = torch.exp(segsum(torch.log(beta[..., 0]).transpose(1, 2)))  # [B, H, T, T]
     expected = products * alpha.transpose(1, 2)[:, :, None, :]
     assert_close("M", expected, structured_mix_matrix(alpha, beta, (1,)), ratio=1e-13)

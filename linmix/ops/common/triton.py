@@ -92,6 +92,11 @@ class ChunkLayout:
         return self.cu_seqlens is not None
 
 
+def sequence_count(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """The number of sequences of ``x [B, T, ...]``: B, or one fewer than the entries of ``cu_seqlens``."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk: int) -> int:
     """Rows of per-chunk buffers: the chunk count, or with ``cu_seqlens`` its bound ``T // chunk + N``.
 

@@ -15,7 +15,7 @@ position. ``--option regime=token_typical`` gives per-token log-sigmoid gates ce
 
 from linmix.bench.baselines import sdpa_baseline
 from linmix.bench.op_entries import OpBench
-from linmix.bench.shapes import FLA_SHAPES, tsweep
+from linmix.bench.shapes import HEAD_SHAPE_KEYS, head_shape_sets
 from linmix.ops.decayed_attention.triton import kernel_traffic
 
 CHUNK = 64  # C of the count: the chunk of the chunked backends and the Triton kernels
@@ -35,13 +35,8 @@ def triton_traffic(q, k, v, log_gamma, *, backward: bool, **settings) -> float:
 
 
 BENCH = OpBench(
-    shape_keys=("B", "T", "H", "K", "V"),
-    shape_sets={
-        "fla": [{"B": B, "T": T, "H": H, "K": D, "V": D} for B, T, H, D in FLA_SHAPES],
-        "tsweep": tsweep(H=16, K=128, V=128),
-        "k2": tsweep(H=1, K=32, V=1024),  # the K2 layer's decay path: rank 32, width 1024
-        "small": [{"B": 2, "T": 64, "H": 2, "K": 16, "V": 16}, {"B": 1, "T": 130, "H": 2, "K": 16, "V": 32}],
-    },
+    shape_keys=HEAD_SHAPE_KEYS,
+    shape_sets=head_shape_sets(),
     gate_dims={"B": 1, "T": 257, "H": 2, "K": 32, "V": 48},
     regime="const_typical",
     flops=flops,

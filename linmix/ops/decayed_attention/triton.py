@@ -23,6 +23,7 @@ from linmix.ops.common.triton import (
     chunk_layout,
     dot_options,
     launch_device,
+    sequence_count,
     sequential_block_v,
     tile_size,
 )
@@ -316,16 +317,11 @@ def _forward_op(
     return decayed_attention_forward(q, k, v, log_gamma, scale, initial_state, cu_seqlens)
 
 
-def _n_seqs(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """The number of sequences: the batch size, or one fewer than the entries of ``cu_seqlens``."""
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-
-
 @_forward_op.register_fake
 def _forward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    final_state = q.new_empty(_n_seqs(q, cu_seqlens), H, K, V, dtype=torch.float32)
+    final_state = q.new_empty(sequence_count(q, cu_seqlens), H, K, V, dtype=torch.float32)
     h = q.new_empty(state_rows(B, T, cu_seqlens), H, K, V, dtype=torch.float32)
     A = q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
     decay = q.new_empty(log_gamma.shape if log_gamma.dim() == 4 else (0,), dtype=torch.float32)
@@ -356,7 +352,7 @@ def _backward_op(
 @_backward_op.register_fake
 def _backward_fake(q, k, v, log_gamma, scale, initial_state, cu_seqlens, do, dfinal_state, h, A, cumulative_decay):
     _, _, H, K = q.shape
-    dh0 = q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
+    dh0 = q.new_empty(sequence_count(q, cu_seqlens), H, K, v.shape[-1], dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_gamma.new_empty(log_gamma.shape), dh0
 
 

@@ -28,40 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linmix.ops.common.chunk import to_chunks
+from linmix.ops.common.chunk import heads_chunks, heads_unchunk, segsum, suffix_after
 from linmix.ops.delta_rule.naive import State, value_heads
 from linmix.ops.delta_rule.precond import write_gain
 
 SUB_BLOCK = 16  # positions of the sub-blocks of a chunk for per-channel decays
-
-
-def _chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[B, T, H, ...]`` zero-padded and cut into ``[B, H, N, C, ...]``."""
-    return to_chunks(x, chunk_size).movedim(3, 1)
-
-
-def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
-    """The inverse of ``_chunks``: ``[B, H, N, C, ...]`` to ``[B, T, H, ...]``."""
-    x = x.movedim(1, 3)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
-
-
-def segsum(g: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` log decays to ``[..., C, C]``: ``sum_{j < r <= i} g_r`` for ``j <= i``, ``-inf`` above.
-
-    Summed directly down each column (no difference of prefix sums), so every entry is exact to
-    rounding of its own span.
-    """
-    C = g.shape[-1]
-    pos = torch.arange(C, device=g.device)
-    steps = g[..., :, None].masked_fill(pos[:, None] <= pos[None, :], 0.0)  # [..., C, C]: g_i where j < i
-    return steps.cumsum(dim=-2).masked_fill(pos[:, None] < pos[None, :], -torch.inf)
-
-
-def _suffix_after(g: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum_{r > j} g_r`` along ``dim`` (0 at the last position)."""
-    inclusive = g.flip(dim).cumsum(dim).flip(dim)
-    return torch.cat([inclusive.narrow(dim, 1, g.shape[dim] - 1), torch.zeros_like(g.narrow(dim, 0, 1))], dim=dim)
 
 
 def precondition_keys(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, center: torch.Tensor, x: float,
@@ -82,7 +53,7 @@ def precondition_keys(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cent
         the write keys ``[B, T, H, K]`` and ``A`` after the last position ``[B, H, K]``.
     """
     B, T, H, K = k.shape
-    kc, gc, bc = (_chunks(t, chunk_size) for t in (k, g, beta))  # [B, H, N, C, K], [B, H, N, C] x 2
+    kc, gc, bc = (heads_chunks(t, chunk_size) for t in (k, g, beta))  # [B, H, N, C, K], [B, H, N, C] x 2
     local = torch.exp(segsum(gc)) @ (bc[..., None] * kc * kc)  # [B, H, N, C, K]: A_t from a zero start
     from_start = torch.exp(gc.cumsum(dim=-1))[..., None]  # [B, H, N, C, 1]
     A = k.new_zeros(B, H, K) if A is None else A
@@ -92,7 +63,7 @@ def precondition_keys(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cent
         A = from_start[:, :, n, -1] * A + local[:, :, n, -1]  # [B, H, K]
     stats = from_start * torch.stack(starts, dim=2)[:, :, :, None] + local  # [B, H, N, C, K]
     gain = write_gain(stats, center[:, None, None, None], x, eps)
-    return _unchunk(gain * kc, T), A
+    return heads_unchunk(gain * kc, T), A
 
 
 class _Decay:
@@ -108,20 +79,20 @@ class _Decay:
         if g.dim() == 4:  # one decay per head: exact [C, C] decay matrices
             self.matrix = torch.exp(segsum(g))  # [B, H, N, C, C]
             self.from_start = torch.exp(g.cumsum(dim=-1))[..., None]  # [B, H, N, C, 1]
-            self.to_end = torch.exp(_suffix_after(g, dim=-1))[..., None]  # [B, H, N, C, 1]
+            self.to_end = torch.exp(suffix_after(g, dim=-1))[..., None]  # [B, H, N, C, 1]
             return
         C = g.shape[-2]
         self.sub = min(SUB_BLOCK, C)
         blocks = g.unflatten(-2, (C // self.sub, self.sub))  # [B, H, N, nb, c, K]
         within = blocks.cumsum(dim=-2)  # [B, H, N, nb, c, K]: from the block start to i
         self.row = torch.exp(within)
-        self.col = torch.exp(_suffix_after(blocks, dim=-2))  # after j to the block end
+        self.col = torch.exp(suffix_after(blocks, dim=-2))  # after j to the block end
         between = segsum(within[..., -1, :].transpose(-1, -2))  # [B, H, N, K, nb, nb]: blocks J < M <= I
         between = torch.cat([torch.full_like(between[..., :1, :], -torch.inf), between[..., :-1, :]], dim=-2)
         self.across = torch.exp(between)  # [B, H, N, K, nb, nb]: blocks strictly between J and I, 0 for I <= J
         self.diagonal = torch.exp(segsum(blocks.transpose(-1, -2)))  # [B, H, N, nb, K, c, c]
         self.from_start = torch.exp(g.cumsum(dim=-2))  # [B, H, N, C, K]
-        self.to_end = torch.exp(_suffix_after(g, dim=-2))  # [B, H, N, C, K]
+        self.to_end = torch.exp(suffix_after(g, dim=-2))  # [B, H, N, C, K]
 
     def interaction(self, a: torch.Tensor, b: torch.Tensor, strict: bool) -> torch.Tensor:
         """``M[i, j] = a_i^T Gamma_ij b_j`` for ``j <= i`` (``j < i`` if ``strict``), 0 above: ``[B, H, N, C, C]``.
@@ -191,9 +162,9 @@ def chunk_delta_rule(
     kw = k
     if precond:
         kw, A = precondition_keys(k, precond_g, precond_beta, precond_center, x, eps, A, chunk_size)
-    q, k, kw = (_chunks(value_heads(t, HV, dim=2), chunk_size) for t in (scale * q, k, kw))  # [B, HV, N, C, K]
-    v, beta = _chunks(v, chunk_size), _chunks(beta, chunk_size)[..., None]  # [B, HV, N, C, V], [B, HV, N, C, 1]
-    decay = _Decay(None if g is None else _chunks(g, chunk_size))
+    q, k, kw = (heads_chunks(value_heads(t, HV, dim=2), chunk_size) for t in (scale * q, k, kw))  # [B, HV, N, C, K]
+    v, beta = heads_chunks(v, chunk_size), heads_chunks(beta, chunk_size)[..., None]  # [B, HV, N, C, V], [B, HV, N, C, 1]
+    decay = _Decay(None if g is None else heads_chunks(g, chunk_size))
     from_start = 1.0 if g is None else decay.from_start
 
     # Within chunks: the unit lower-triangular system, one solve for U' = T beta V and W = T beta K exp(G).
@@ -213,7 +184,7 @@ def chunk_delta_rule(
     states_in, values = torch.stack(states_in, dim=2), torch.stack(values, dim=2)  # [B, HV, N, K|C, V]
 
     o = (q * from_start) @ states_in + decay.interaction(q, kw, strict=False) @ values  # [B, HV, N, C, V]
-    o = _unchunk(o, T)
+    o = heads_unchunk(o, T)
     if not output_final_state:
         return o, None
     return o, ((S, A) if precond else S)

@@ -33,7 +33,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from linmix.ops.common.triton import cdiv, chunk_layout, dot_options, launch_device, sequential_block_v, tile_size
+from linmix.ops.common.triton import (
+    cdiv,
+    chunk_layout,
+    dot_options,
+    launch_device,
+    sequence_count,
+    sequential_block_v,
+    tile_size,
+)
 from linmix.ops.common.triton import state_rows as common_state_rows
 from linmix.ops.decayed_attention import decayed_attention
 
@@ -54,11 +62,6 @@ def _kernels():
 def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
     """Rows of the per-chunk buffers (see ``linmix.ops.common.triton.state_rows``)."""
     return common_state_rows(B, T, cu_seqlens, CHUNK)
-
-
-def _n_seqs(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """The number of sequences: the batch size, or one fewer than the entries of ``cu_seqlens``."""
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 def _mode(g: torch.Tensor | None) -> int:
@@ -307,7 +310,7 @@ def _forward_fake(q, k, kw, v, beta, g, scale, initial_state, cu_seqlens):
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     f32 = dict(dtype=torch.float32)
-    return (v.new_empty(v.shape), q.new_empty(_n_seqs(q, cu_seqlens), HV, K, V, **f32),
+    return (v.new_empty(v.shape), q.new_empty(sequence_count(q, cu_seqlens), HV, K, V, **f32),
             q.new_empty(state_rows(B, T, cu_seqlens), HV, K, V, **f32), q.new_empty(B, T, HV, CHUNK, **f32),
             q.new_empty(B, T, HV, CHUNK, **f32), q.new_empty(B, T, HV, K, **f32), q.new_empty(B, T, HV, V, **f32))
 
@@ -341,7 +344,7 @@ def _backward_fake(q, k, kw, v, beta, g, scale, initial_state, cu_seqlens, do, d
     _, _, _, K = q.shape
     HV, V = v.shape[2:]
     dg = q.new_empty(g.shape if g is not None else (0,), dtype=torch.float32)
-    dh0 = q.new_empty(_n_seqs(q, cu_seqlens), HV, K, V, dtype=torch.float32)
+    dh0 = q.new_empty(sequence_count(q, cu_seqlens), HV, K, V, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), kw.new_empty(kw.shape), v.new_empty(v.shape),
             beta.new_empty(beta.shape), dg, dh0)
 

@@ -21,13 +21,10 @@ from linmix.ops._validate import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    layout,
     shape_str,
 )
 
-
-
-def _layout(step: bool, *dims: str) -> str:
-    return "[" + ", ".join(("B",) if step else ("B", "T")) + "".join(f", {d}" for d in dims) + "]"
 
 
 def check_arguments(*, q, k, v, beta, g, precond: tuple | None, x, eps, scale, normalize_qk, state, state_name: str,
@@ -52,13 +49,13 @@ def check_arguments(*, q, k, v, beta, g, precond: tuple | None, x, eps, scale, n
     for name, tensor in tensors:
         check_tensor(name, tensor)
     lead = 1 if step else 2
-    check_ndim("q", q, (lead + 2,), _layout(step, "H", "K"))
-    check_ndim("v", v, (lead + 2,), _layout(step, "HV", "V"))
+    check_ndim("q", q, (lead + 2,), layout(step, "H", "K"))
+    check_ndim("v", v, (lead + 2,), layout(step, "HV", "V"))
     H, K = q.shape[lead:]
     HV, V = v.shape[lead:]
-    check_shape("k", k, q.shape, _layout(step, "H", "K") + " like q")
+    check_shape("k", k, q.shape, layout(step, "H", "K") + " like q")
     if v.shape[:lead] != q.shape[:lead]:
-        raise ValueError(f"v must have shape {_layout(step, 'HV', 'V')} with the leading dims of q "
+        raise ValueError(f"v must have shape {layout(step, 'HV', 'V')} with the leading dims of q "
                          f"{list(q.shape[:lead])}, got {shape_str(v)}")
     if K == 0:
         raise ValueError(f"q must have at least one key channel, got K=0 (shape {shape_str(q)}): the state "
@@ -69,14 +66,14 @@ def check_arguments(*, q, k, v, beta, g, precond: tuple | None, x, eps, scale, n
     check_same_dtype(("q", q), ("k", k), ("v", v))
     check_same_device(*tensors)
     lead_dims = tuple(q.shape[:lead])
-    check_shape("beta", beta, (*lead_dims, HV), _layout(step, "HV"))
+    check_shape("beta", beta, (*lead_dims, HV), layout(step, "HV"))
     if g is not None and tuple(g.shape) not in ((*lead_dims, HV), (*lead_dims, HV, K)):
-        raise ValueError(f"g must have shape {_layout(step, 'HV')} = {list((*lead_dims, HV))} (one log decay per "
-                         f"value head) or {_layout(step, 'HV', 'K')} = {list((*lead_dims, HV, K))} (one per key "
+        raise ValueError(f"g must have shape {layout(step, 'HV')} = {list((*lead_dims, HV))} (one log decay per "
+                         f"value head) or {layout(step, 'HV', 'K')} = {list((*lead_dims, HV, K))} (one per key "
                          f"channel), got {shape_str(g)}")
     if precond is not None:
-        check_shape("precond_g", precond[0], (*lead_dims, H), _layout(step, "H") + " (one per key head)")
-        check_shape("precond_beta", precond[1], (*lead_dims, H), _layout(step, "H") + " (one per key head)")
+        check_shape("precond_g", precond[0], (*lead_dims, H), layout(step, "H") + " (one per key head)")
+        check_shape("precond_beta", precond[1], (*lead_dims, H), layout(step, "H") + " (one per key head)")
         check_shape("precond_center", precond[2], (H,), "[H]")
         if V == 0:
             raise ValueError(f"v must have at least one value channel with a preconditioner, got V=0 (shape "

@@ -22,7 +22,7 @@ multiply-adds of the token form plus the in-chunk keys' share, about 30x a GLA r
 
 from linmix.bench.baselines import sdpa_baseline
 from linmix.bench.op_entries import OpBench
-from linmix.bench.shapes import FLA_SHAPES, tsweep
+from linmix.bench.shapes import HEAD_SHAPE_KEYS, head_shape_sets
 
 CHUNK = 64  # C of the count: the chunk of the chunked backend
 
@@ -40,14 +40,8 @@ def flops(q, k, v, g, beta, alpha=None, *, iters: int, **settings) -> float:
 
 
 BENCH = OpBench(
-    shape_keys=("B", "T", "H", "K", "V"),
-    shape_sets={
-        "fla": [{"B": B, "T": T, "H": H, "K": D, "V": D} for B, T, H, D in FLA_SHAPES],
-        "fla_long": [{"B": 1, "T": 16384, "H": 16, "K": 128, "V": 128}],  # one long sequence, the decoding prefill
-        "tsweep": tsweep(H=16, K=128, V=128),
-        "k2": tsweep(H=1, K=32, V=1024),  # the shared set of the K2 layer's widths: one head, K = 32, V = 1024
-        "small": [{"B": 2, "T": 64, "H": 2, "K": 16, "V": 16}, {"B": 1, "T": 130, "H": 2, "K": 16, "V": 32}],
-    },
+    shape_keys=HEAD_SHAPE_KEYS,
+    shape_sets=head_shape_sets(),
     gate_dims={"B": 1, "T": 257, "H": 2, "K": 32, "V": 48},
     regime="paper",
     flops=flops,

@@ -24,38 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from linmix.ops.common.chunk import to_chunks
+from linmix.ops.common.chunk import heads_chunks, heads_unchunk, segsum, suffix_after
 from linmix.ops.gated_kalman.naive import State
 from linmix.ops.gated_kalman.solve import chebyshev, frobenius, shift, step_size
-
-
-def _chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[B, T, H, ...]`` zero-padded and cut into ``[B, H, N, C, ...]``."""
-    return to_chunks(x, chunk_size).movedim(3, 1)
-
-
-def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
-    """The inverse of ``_chunks``: ``[B, H, N, C, ...]`` to ``[B, T, H, ...]``."""
-    x = x.movedim(1, 3)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
-
-
-def segsum(g: torch.Tensor) -> torch.Tensor:
-    """``[..., C]`` log decays to ``[..., C, C]``: ``sum_{j < r <= i} g_r`` for ``j <= i``, ``-inf`` above.
-
-    Summed directly down each column (no difference of prefix sums), so every entry is exact to
-    rounding of its own span.
-    """
-    C = g.shape[-1]
-    pos = torch.arange(C, device=g.device)
-    steps = g[..., :, None].masked_fill(pos[:, None] <= pos[None, :], 0.0)  # [..., C, C]: g_i where j < i
-    return steps.cumsum(dim=-2).masked_fill(pos[:, None] < pos[None, :], -torch.inf)
-
-
-def _suffix_after(g: torch.Tensor) -> torch.Tensor:
-    """``sum_{r > j} g_r`` along the last dim (0 at the last position)."""
-    inclusive = g.flip(-1).cumsum(-1).flip(-1)
-    return torch.cat([inclusive[..., 1:], torch.zeros_like(g[..., :1])], dim=-1)
 
 
 def gram_norms_squared(Hc: torch.Tensor, k: torch.Tensor, decay: torch.Tensor,
@@ -149,11 +120,11 @@ def chunk_gated_kalman(
     B, T, Hh, K = q.shape
     V = v.shape[-1]
     k, v = beta[..., None] * k, beta[..., None] * v
-    q, k, v = (_chunks(x, chunk_size) for x in (q, k, v))  # [B, H, N, C, K|V]
-    g = _chunks(g, chunk_size)  # [B, H, N, C]
+    q, k, v = (heads_chunks(x, chunk_size) for x in (q, k, v))  # [B, H, N, C, K|V]
+    g = heads_chunks(g, chunk_size)  # [B, H, N, C]
     decay = torch.exp(segsum(g))  # [B, H, N, C, C]
     from_start = torch.exp(g.cumsum(dim=-1))[..., None]  # [B, H, N, C, 1]
-    half_to_end = torch.exp(0.5 * _suffix_after(g))[..., None]  # [B, H, N, C, 1]
+    half_to_end = torch.exp(0.5 * suffix_after(g))[..., None]  # [B, H, N, C, 1]
 
     # Across chunks: the states [H | U] entering each chunk.
     H, U = (q.new_zeros(B, Hh, K, K), q.new_zeros(B, Hh, K, V)) if initial_state is None else initial_state
@@ -177,10 +148,10 @@ def chunk_gated_kalman(
         x = x + ChunkImplicitSolve.apply(residual, *(t.detach() for t in (Hc, k, decay, from_start, h)), ridge,
                                          iters)
     if alpha is not None:
-        x = q + _chunks(alpha, chunk_size)[..., None] * (x - q)
+        x = q + heads_chunks(alpha, chunk_size)[..., None] * (x - q)
 
     o = scale * (from_start * (x @ Uc) + ((x @ k.transpose(-1, -2)) * decay) @ v)  # [B, H, N, C, V]
-    o = _unchunk(o, T)
+    o = heads_unchunk(o, T)
     if not output_final_state:
         return o, None
     H, U = state.split([K, V], dim=-1)

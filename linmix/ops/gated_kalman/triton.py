@@ -39,6 +39,7 @@ from linmix.ops.common.triton import (
     chunk_layout,
     interpreting,
     launch_device,
+    sequence_count,
     sequential_block_v,
     tile_size,
 )
@@ -75,11 +76,6 @@ def _kernels():
 def state_rows(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
     """Rows of the per-chunk state buffers (see ``linmix.ops.common.triton.state_rows``)."""
     return common_state_rows(B, T, cu_seqlens, CHUNK)
-
-
-def _n_seqs(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """The number of sequences: the batch size, or one fewer than the entries of ``cu_seqlens``."""
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 def precision_for(dtype: torch.dtype) -> str:
@@ -346,7 +342,7 @@ def _solve_forward_op(
 @_solve_forward_op.register_fake
 def _solve_forward_fake(q, k, g, ridge, iters, initial_H, cu_seqlens, precision):
     B, T, H, K = q.shape
-    return (q.new_empty(B, T, H, K, **F32), q.new_empty(_n_seqs(q, cu_seqlens), H, K, K, **F32),
+    return (q.new_empty(B, T, H, K, **F32), q.new_empty(sequence_count(q, cu_seqlens), H, K, K, **F32),
             q.new_empty(state_rows(B, T, cu_seqlens), H, K, K, **F32), q.new_empty(B, T, H, **F32))
 
 
@@ -372,7 +368,7 @@ def _solve_backward_op(
 def _solve_backward_fake(k, g, ridge, iters, cu_seqlens, precision, dx, dfinal_H, chunk_H, norms, x):
     _, _, H, K = k.shape
     return (k.new_empty(k.shape, **F32), k.new_empty(k.shape, **F32), g.new_empty(g.shape, **F32),
-            k.new_empty(_n_seqs(k, cu_seqlens), H, K, K, **F32))
+            k.new_empty(sequence_count(k, cu_seqlens), H, K, K, **F32))
 
 
 def _solve_setup_context(ctx, inputs, output) -> None:
@@ -419,7 +415,7 @@ def _readout_forward_op(
 def _readout_forward_fake(q, k, v, g, scale, initial_U, cu_seqlens, precision):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return (v.new_empty(v.shape), q.new_empty(_n_seqs(q, cu_seqlens), H, K, V, **F32),
+    return (v.new_empty(v.shape), q.new_empty(sequence_count(q, cu_seqlens), H, K, V, **F32),
             q.new_empty(state_rows(B, T, cu_seqlens), H, K, V, **F32))
 
 
@@ -444,7 +440,7 @@ def _readout_backward_op(
 def _readout_backward_fake(q, k, v, g, scale, cu_seqlens, precision, do, dfinal_U, chunk_U):
     _, _, H, K = q.shape
     return (q.new_empty(q.shape, **F32), k.new_empty(k.shape, **F32), v.new_empty(v.shape),
-            g.new_empty(g.shape, **F32), q.new_empty(_n_seqs(q, cu_seqlens), H, K, v.shape[-1], **F32))
+            g.new_empty(g.shape, **F32), q.new_empty(sequence_count(q, cu_seqlens), H, K, v.shape[-1], **F32))
 
 
 def _readout_setup_context(ctx, inputs, output) -> None:

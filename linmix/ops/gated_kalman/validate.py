@@ -21,15 +21,12 @@ from linmix.ops._validate import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    layout,
     first_non_finite,
     shape_str,
 )
 
 SYMMETRY_SLACK = 1e-3  # largest |H - H^T| of an initial Gram state, relative to its largest entry
-
-
-def _layout(step: bool, *dims: str) -> str:
-    return "[" + ", ".join(("B",) if step else ("B", "T")) + "".join(f", {d}" for d in dims) + "]"
 
 
 def check_arguments(*, q, k, v, g, beta, alpha, ridge, iters, scale, state, state_name: str, step: bool,
@@ -51,13 +48,13 @@ def check_arguments(*, q, k, v, g, beta, alpha, ridge, iters, scale, state, stat
     for name, tensor in tensors:
         check_tensor(name, tensor)
     lead = 1 if step else 2
-    check_ndim("q", q, (lead + 2,), _layout(step, "H", "K"))
-    check_ndim("v", v, (lead + 2,), _layout(step, "H", "V"))
+    check_ndim("q", q, (lead + 2,), layout(step, "H", "K"))
+    check_ndim("v", v, (lead + 2,), layout(step, "H", "V"))
     H, K = q.shape[lead:]
     V = v.shape[-1]
-    check_shape("k", k, q.shape, _layout(step, "H", "K") + " like q")
+    check_shape("k", k, q.shape, layout(step, "H", "K") + " like q")
     if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f"v must have shape {_layout(step, 'H', 'V')} with the leading dims of q "
+        raise ValueError(f"v must have shape {layout(step, 'H', 'V')} with the leading dims of q "
                          f"{list(q.shape[:-1])}, got {shape_str(v)}")
     if K == 0:
         raise ValueError(f"q must have at least one key channel, got K=0 (shape {shape_str(q)}): the Gram state "
@@ -69,7 +66,7 @@ def check_arguments(*, q, k, v, g, beta, alpha, ridge, iters, scale, state, stat
     check_same_device(*tensors)
     lead_dims = tuple(q.shape[:lead])
     for name, tensor in tensors[3:]:
-        check_shape(name, tensor, (*lead_dims, H), _layout(step, "H") + " (one per head)")
+        check_shape(name, tensor, (*lead_dims, H), layout(step, "H") + " (one per head)")
     check_finite_number("ridge", ridge)
     if ridge <= 0:
         raise ValueError(f"ridge must be > 0 (lambda = ridge * ||H||_F; the solve's condition number is at most "

@@ -158,14 +158,19 @@ class _LatticeSolve(torch.autograd.Function):
         return alpha[..., None] * grad_z, grad_alpha, grad_beta, acc[:, :, :K], None, None, None
 
 
+def _heads_first_padded(x, alpha, beta):
+    """``x [B, H, Tp, D]``, ``alpha [B, H, Tp]``, ``beta [B, H, Tp, K]`` zero past T up to a whole number of
+    chunks of ``min(CHUNK, T)`` (padded rows read nothing and are read by nothing kept), and the padding."""
+    T = x.shape[1]
+    pad = -T % min(CHUNK, T)
+    return (F.pad(x.transpose(1, 2), (0, 0, 0, pad)), F.pad(alpha.transpose(1, 2), (0, pad)),
+            F.pad(beta.transpose(1, 2), (0, 0, 0, pad)), pad)
+
+
 def _chunk_lattice(x, alpha, beta, pattern: Lattice, initial_state, output_final_state):
     """The chunked solve of a lattice call from ``initial_state = (slots, position)`` (zeros at 0 if None)."""
     B, T, H, D = x.shape
-    C = min(CHUNK, T)
-    pad = -T % C
-    x_p = F.pad(x.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, D]
-    alpha_p = F.pad(alpha.transpose(1, 2), (0, pad))  # [B, H, Tp]
-    beta_p = F.pad(beta.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, K]
+    x_p, alpha_p, beta_p, pad = _heads_first_padded(x, alpha, beta)
     if initial_state is None:
         slots = x.new_zeros(B, H, pattern.levels, D)
         start = torch.zeros(B, dtype=torch.int64, device=x.device)
@@ -188,12 +193,7 @@ def chunk_structured_mix(
     if isinstance(pattern, Lattice):
         return _chunk_lattice(x, alpha, beta, pattern, initial_state, output_final_state)
     B, T, H, D = x.shape
-    C = min(CHUNK, T)
-    pad = -T % C
-    # [B, H, Tp, ...] layouts, zero past T: padded rows read nothing and are read by nothing kept
-    x_p = F.pad(x.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, D]
-    alpha_p = F.pad(alpha.transpose(1, 2), (0, pad))  # [B, H, Tp]
-    beta_p = F.pad(beta.transpose(1, 2), (0, 0, 0, pad))  # [B, H, Tp, K]
+    x_p, alpha_p, beta_p, _ = _heads_first_padded(x, alpha, beta)
     past = x.new_zeros(B, H, pattern.max_offset, D) if initial_state is None else initial_state
     o, final_state = _ChunkedSolve.apply(x_p, alpha_p, beta_p, past, pattern.offsets, T)
     return o.transpose(1, 2), (final_state if output_final_state else None)
