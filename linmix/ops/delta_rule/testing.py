@@ -195,7 +195,11 @@ SPEC = OpTestSpec(
     # fla's tl.dot multiplies float32 in TF32 (its own tests allow 5e-3 on outputs, 2e-2 on gate gradients).
     # Our kernels multiply in TF32 for 16-bit inputs too: on the H200 the centre's gradient of a bf16 PKDA
     # case (a sum over every position and channel) came 1.25e-2 from the reference, so bf16 takes fla's 2e-2.
-    backend_tolerance={"fla": {torch.float32: 5e-3, torch.bfloat16: 2e-2}, "triton": {torch.bfloat16: 2e-2}},
+    # The preconditioner's statistics run on decayed_attention's chunked kernels, whose in-chunk decays come
+    # from float32 cumulative log-decays: at the extreme gates (log 0.01 a token) these reach about 300 in a
+    # chunk of 64, where float32's spacing is 3e-5; dprecond_g of pkda_extreme came 1.34e-5 on the H200.
+    backend_tolerance={"fla": {torch.float32: 5e-3, torch.bfloat16: 2e-2},
+                       "triton": {torch.float32: 3e-5, torch.bfloat16: 2e-2}},
     library_dims={"K": 64, "V": 64},
     library_regimes=("dn", "gdn", "kda", "pgdn", "pkda_gva"),  # one case per fla kernel; fla is not built for resets
     mixing_matrix=mixing_matrix,
