@@ -343,6 +343,27 @@ def test_model_and_token_mismatches_are_refused(corpus, tmp_path):
         make_trainer(corpus, make_config(tmp_path), model=make_model(vocab_size=60))
 
 
+def test_token_unit_names_the_perplexity_and_one_process_is_the_whole_global_batch(
+    corpus, tmp_path, capsys
+):
+    config = make_config(tmp_path, max_steps=2, warmup_steps=1, eval_interval=2, log_interval=1)
+    trainer = Trainer(
+        make_model(), corpus.train, corpus.val[:VAL_SLICE], config,
+        param_groups_fn=toy_param_groups, token_unit="piece",
+    )
+    assert (trainer.world_size, trainer.global_batch_size, trainer.tokens_per_step) == (1, 16, 16 * 32)
+    summary = trainer.fit()
+
+    assert "step 2: val full ppl per piece " in capsys.readouterr().out
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["ppl_unit"] for r in records if r["kind"] == "eval"] == ["piece", "piece"]
+    assert not any(key.endswith("_per_gpu") for record in records for key in record)
+    assert summary["ppl_unit"] == "piece"
+    assert (summary["world_size"], summary["global_batch_size"], summary["tokens_per_step"]) == (1, 16, 512)
+    assert not any(key.endswith("_per_gpu") for key in summary)
+    assert load_checkpoint(tmp_path / "last.pt")["parallel"] == {"world_size": 1, "fsdp": False}
+
+
 def test_resume_after_stop_after_reproduces_the_uninterrupted_run(corpus, tmp_path):
     full = make_trainer(corpus, make_config(tmp_path / "full")).fit()
 

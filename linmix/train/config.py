@@ -42,7 +42,9 @@ class TrainConfig:
         lr_floor: learning rate at `max_steps`, the end of the cosine decay.
         warmup_steps: steps of linear warmup.
         max_steps: optimizer updates in the whole run.
-        batch_size: windows per step, B.
+        batch_size: windows per step on each process, B. Under torchrun every one of N ranks
+            trains on its own B windows, so the global batch is N x B windows
+            (`Trainer.global_batch_size`); one process is N = 1 (docs/DISTRIBUTED.md).
         context_length: tokens per window, T; None takes the model's `config.context_length`.
         weight_decay: AdamW decay of the parameter groups that decay.
         betas: AdamW betas.
@@ -56,11 +58,12 @@ class TrainConfig:
         eval_random_iters: batches of the "random" protocol.
         eval_seed: seed of the "random" protocol's windows, the same at every evaluation.
         eval_budget: all evaluations of the run read at most this many times the windows the run
-            trains on (forward passes only); when the protocols would read more, each shrinks by
+            trains on, over all ranks (forward passes only); when the protocols would read more, each shrinks by
             the same factor (see `linmix.train.evaluate.plan_evaluation`). The presets' full
             recipes fit in 1.0 and are unchanged; a few-step run evaluates in seconds. None reads
             the whole protocols whatever the run's length.
-        seed: seed of the training batches and of the global RNGs (dropout).
+        seed: seed of the training batches and of the global RNGs (dropout); each rank derives
+            its own streams from it, rank 0 those of a single-process run.
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
         compile: run the model's forward through torch.compile.
         compile_mode: the torch.compile mode, one of COMPILE_MODES (used with `compile`).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from linmix.data.batches import RandomWindowSampler, count_eval_windows, iter_eval_windows
+from linmix.train.distributed import gather_from_ranks, process_rank, process_world_size
 
 # Called once per evaluated batch, with the batches done and the batches in all.
 BatchCallback = Callable[[int, int], None]
@@ -44,6 +45,7 @@ def evaluate_full(
     *,
     windows: int | None = None,
     on_batch: BatchCallback | None = None,
+    spread: bool = False,
 ) -> dict[str, float]:
     """Mean NLL over every predicted token of the non-overlapping validation windows.
 
@@ -59,30 +61,23 @@ def evaluate_full(
         device: where batches go; None uses the model's device.
         windows: read only this many windows, spread evenly over the split (None: all of them).
         on_batch: called after each batch with (batches done, batches in all), e.g. for progress.
+        spread: share the batches out over the ranks of the process group (call it on every
+            rank); the result is the same as one process's, to the bit.
 
     Returns:
         `{"loss": summed NLL / tokens, "ppl": exp(loss), "tokens": number of predicted tokens}`.
         The model is in eval mode meanwhile and gets its previous mode back.
     """
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    total_nll = 0.0
-    total_tokens = 0
     num_windows = windows or count_eval_windows(len(val_tokens), context_length)
     num_batches = math.ceil(num_windows / batch_size)
-    try:
-        batches = iter_eval_windows(val_tokens, context_length, batch_size, windows)
-        for done, (x, y) in enumerate(batches, start=1):
-            x, y = x.to(device), y.to(device)  # [b, W]
-            with autocast_for(device):
-                _, loss = model(x, y)
-            total_nll += loss.item() * y.numel()
-            total_tokens += y.numel()
-            if on_batch is not None:
-                on_batch(done, num_batches)
-    finally:
-        model.train(was_training)
+    batches = iter_eval_windows(val_tokens, context_length, batch_size, windows)
+    losses = _batch_losses(model, batches, num_batches, device, on_batch, spread)
+    total_nll = 0.0
+    total_tokens = 0
+    for loss, tokens in losses:
+        total_nll += loss * tokens
+        total_tokens += tokens
     mean_nll = total_nll / total_tokens
     return {"loss": mean_nll, "ppl": math.exp(mean_nll), "tokens": total_tokens}
 
@@ -98,6 +93,7 @@ def evaluate_random(
     device: torch.device | str | None = None,
     *,
     on_batch: BatchCallback | None = None,
+    spread: bool = False,
 ) -> dict[str, float]:
     """nanoGPT's estimate: the mean of `iters` batch-mean losses over random validation windows.
 
@@ -111,6 +107,9 @@ def evaluate_random(
             sees the same windows.
         device: where batches go; None uses the model's device.
         on_batch: called after each batch with (batches done, `iters`), e.g. for progress.
+        spread: share the batches out over the ranks of the process group (call it on every
+            rank, with equally seeded generators); the result is the same as one process's, to
+            the bit.
 
     Returns:
         `{"loss": mean batch loss, "ppl": exp(loss)}`. The model is in eval mode meanwhile and gets
@@ -118,21 +117,58 @@ def evaluate_random(
     """
     device = torch.device(device) if device is not None else model_device(model)
     sampler = RandomWindowSampler(val_tokens, batch_size, context_length, generator)
-    was_training = model.training
-    model.eval()
+    batches = (sampler.sample() for _ in range(iters))  # each [B, W]
     total = 0.0
-    try:
-        for done in range(1, iters + 1):
-            x, y = sampler.sample()  # [B, W]
-            with autocast_for(device):
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.item()
-            if on_batch is not None:
-                on_batch(done, iters)
-    finally:
-        model.train(was_training)
+    for loss, _ in _batch_losses(model, batches, iters, device, on_batch, spread):
+        total += loss
     mean_loss = total / iters
     return {"loss": mean_loss, "ppl": math.exp(mean_loss)}
+
+
+def _batch_losses(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_batches: int,
+    device: torch.device,
+    on_batch: BatchCallback | None,
+    spread: bool,
+) -> list[tuple[float, int]]:
+    """Each batch's mean loss and predicted-token count, in batch order, in eval mode.
+
+    Spread over N ranks, rank r runs batches r, r + N, r + 2N, ... (every rank still draws every
+    batch, so the random protocol's windows stay those of one process); a rank left without a
+    batch in the last round runs batch 0 again and drops its loss, so that every rank makes the
+    same forward passes (FSDP2 gathers the weights in each). The losses are then gathered from
+    every rank.
+    """
+    rank, world_size = (process_rank(), process_world_size()) if spread else (0, 1)
+    rounds = math.ceil(num_batches / world_size)
+    was_training = model.training
+    model.eval()
+    mine: dict[int, tuple[float, int]] = {}
+    try:
+        for index, (x, y) in enumerate(batches):
+            if index == 0:
+                first = (x, y)
+            if index % world_size != rank:
+                continue
+            mine[index] = (_mean_loss(model, x, y, device), y.numel())
+            if on_batch is not None:
+                on_batch(min(index - rank + world_size, num_batches), num_batches)
+        if len(mine) < rounds:
+            _mean_loss(model, *first, device)
+    finally:
+        model.train(was_training)
+    parts = gather_from_ranks(mine) if spread else [mine]
+    losses = {index: value for part in parts for index, value in part.items()}
+    return [losses[index] for index in range(num_batches)]
+
+
+def _mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """The model's mean loss on one batch `x, y` (`[b, W]` each), moved to `device`."""
+    with autocast_for(device):
+        _, loss = model(x.to(device), y.to(device))
+    return loss.item()
 
 
 @dataclass(frozen=True)
@@ -190,9 +226,9 @@ def count_evaluations(max_steps: int, eval_interval: int) -> int:
     return 1 + max_steps // eval_interval + (max_steps % eval_interval != 0)
 
 
-def plan_evaluation(config, val_tokens: int, context_length: int) -> EvalPlan:
+def plan_evaluation(config, val_tokens: int, context_length: int, world_size: int = 1) -> EvalPlan:
     """Size each evaluation of a run so that all of them read at most `eval_budget` times the
-    windows the run trains on.
+    windows the run trains on (over all ranks: runs of the same global batch get the same plan).
 
     Without a budget (`eval_budget=None`), or when the protocols fit in it, every evaluation reads
     the whole protocols: all non-overlapping windows (full) and `eval_random_iters` batches of
@@ -204,6 +240,7 @@ def plan_evaluation(config, val_tokens: int, context_length: int) -> EvalPlan:
         config: the run's TrainConfig.
         val_tokens: length of the validation stream.
         context_length: window length, W.
+        world_size: processes training, each on `config.batch_size` windows per step.
 
     Returns:
         The plan; the evaluation records and the log say what it cut.
@@ -214,7 +251,7 @@ def plan_evaluation(config, val_tokens: int, context_length: int) -> EvalPlan:
     random = config.eval_random_iters * config.eval_batch_size if "random" in config.eval_protocols else 0
     wanted = evaluations * (full + random)
     budget = None if config.eval_budget is None else max(1, int(config.eval_budget * config.max_steps
-                                                              * config.batch_size))
+                                                              * config.batch_size * world_size))
     scale = 1.0 if budget is None or wanted <= budget else budget / wanted
     full = max(1, int(full * scale)) if full else 0
     random_windows = max(1, int(random * scale)) if random else 0

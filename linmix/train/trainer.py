@@ -1,8 +1,9 @@
 """The training loop: AdamW groups, warmup-cosine schedule, mixed precision, evaluation,
-checkpoints and exact resumption."""
+checkpoints and exact resumption, in one process or data-parallel over several (DDP or FSDP2)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,6 +31,19 @@ from linmix.train.checkpoint import (
     seed_global_rngs,
 )
 from linmix.train.config import TrainConfig, run_changing_differences
+from linmix.train.distributed import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    gather_from_ranks,
+    load_full_state,
+    process_rank,
+    process_world_size,
+    replicate_model,
+    shard_model,
+    sum_over_ranks,
+    wait_for_ranks,
+)
 from linmix.train.evaluate import autocast_for, evaluate_full, evaluate_random, plan_evaluation
 from linmix.train.metrics import MetricsLog, to_jsonable, truncate_metrics, write_summary
 from linmix.train.schedule import lr_multiplier
@@ -64,7 +78,7 @@ class StepResult:
     """What one training step leaves on the device; nothing is read back to the host.
 
     Attributes:
-        loss: the training loss, a device scalar.
+        loss: the training loss, a device scalar (the mean over the ranks under a process group).
         grad_norm: the global gradient norm before clipping, a device scalar.
         lr: the step's learning rate, before each group's `lr_scale`.
         nonfinite: `[2]` bool device tensor: whether the loss, and whether the gradients, held
@@ -99,17 +113,19 @@ def step_if_finite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) ->
         optimizer.step()
 
 
-def derive_seed(seed: int, stream: int) -> int:
-    """An independent 32-bit seed for one random stream of a run.
+def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
+    """An independent 32-bit seed for one random stream of one rank of a run.
 
     Args:
         seed: the run's seed.
         stream: which stream (training batches, global RNGs, ...).
+        rank: the process's rank; rank 0 gets the seed of a single-process run.
 
     Returns:
-        A seed in `[0, 2**32)`, different for each `(seed, stream)`.
+        A seed in `[0, 2**32)`, different for each `(seed, stream, rank)`.
     """
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+    entropy = [seed, stream] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def model_config_dict(model: torch.nn.Module) -> dict[str, Any] | None:
@@ -145,6 +161,15 @@ class Trainer:
     log, evaluation or checkpoint step, where they are read back together;
     `config.max_nonfinite_steps` skips in a row then stop the run before last.pt is written again.
 
+    In a torch.distributed process group of N ranks (torchrun, see docs/DISTRIBUTED.md) every rank
+    builds its own Trainer and trains on `config.batch_size` windows per step from its own sampler
+    (rank 0's draws those of a single-process run), so the global batch is N times that
+    (`global_batch_size`); DDP averages the gradients, or FSDP2 shards the model with `fsdp`.
+    The logged loss is the mean over the ranks, a step is skipped on every rank when any rank saw
+    a non-finite value, evaluations share their batches out over the ranks and give one process's
+    numbers, and rank 0 alone writes the run's files and shows the progress bar. last.pt then
+    also holds every rank's sampler and RNG states; a resume must use the same N and `fsdp`.
+
     Args:
         model: follows the linmix model interface: `model(idx, targets) -> (logits, loss)`,
             `model.config.context_length`, `model.config.vocab_size`, `model.num_parameters()`,
@@ -162,7 +187,11 @@ class Trainer:
         resume: continue from `out_dir/last.pt` if it exists (else start fresh).
         stop_after: end `fit` once this many steps are done, without finishing the schedule
             (a slice of a longer run, or a simulated kill); last.pt is written first.
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (rank 0 only).
+        token_unit: what one token is ("char", "piece", ...): stored as "ppl_unit" in the
+            evaluation records and summary.json, and named in the progress lines.
+        fsdp: shard the model with FSDP2 (`fully_shard`) instead of replicating it with DDP;
+            needs a process group.
 
     On CUDA the Trainer enables TF32 matrix products for the whole process, trains under bf16
     autocast and uses fused AdamW; elsewhere it trains in float32.
@@ -170,8 +199,9 @@ class Trainer:
     Raises:
         FileExistsError: `out_dir` holds a last.pt and `resume` is False.
         CheckpointError: the last.pt to resume is damaged or cannot resume a run.
-        ValueError: the config, model, tokens or parameter groups do not fit together, or the
-            resumed checkpoint was made with a config that changes the run (the fields are named).
+        ValueError: the config, model, tokens or parameter groups do not fit together, `fsdp`
+            without a process group, or the resumed checkpoint was made with a config, world size
+            or sharding that changes the run (the fields are named).
     """
 
     def __init__(
@@ -187,32 +217,53 @@ class Trainer:
         resume: bool = False,
         stop_after: int | None = None,
         progress: bool = True,
+        token_unit: str = "token",
+        fsdp: bool = False,
     ) -> None:
         if stop_after is not None and stop_after < 0:
             raise ValueError(f"stop_after must be >= 0 or None, got {stop_after}")
+        if fsdp and not torch.distributed.is_initialized():
+            raise ValueError("fsdp=True needs a torch.distributed process group (launch with torchrun)")
         self.config = config
         self.device = torch.device(config.device)
-        self.model = model.to(self.device)
+        self.rank = process_rank()
+        self.world_size = process_world_size()
+        self.is_main = self.rank == 0
+        self.fsdp = fsdp
+        self.model = model if fsdp else model.to(self.device)
         self.context_length = self._resolve_context_length()
         self.train_tokens = self._check_tokens("train_tokens", train_tokens)
         self.val_tokens = self._check_tokens("val_tokens", val_tokens)
-        self.eval_plan = plan_evaluation(config, len(self.val_tokens), self.context_length)
+        self.eval_plan = plan_evaluation(
+            config, len(self.val_tokens), self.context_length, self.world_size
+        )
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.callbacks = list(callbacks)
         self.stop_after = stop_after
-        self.progress = progress
+        self.progress = progress and self.is_main
+        self.token_unit = token_unit
         self.out_dir = Path(config.out_dir)
-        self.tokens_per_step = config.batch_size * self.context_length
+        self.global_batch_size = config.batch_size * self.world_size  # windows per step, all ranks
+        self.tokens_per_step = self.global_batch_size * self.context_length  # all ranks
 
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.allow_tf32 = True
-        self.optimizer = self._build_optimizer(param_groups_fn or param_groups)
-        sampler_generator = torch.Generator().manual_seed(derive_seed(config.seed, _SAMPLER_STREAM))
-        self.sampler = RandomWindowSampler(
-            self.train_tokens, config.batch_size, self.context_length, sampler_generator, device=self.device
+        if fsdp:
+            self.model = shard_model(self.model, self.device)
+        train_model = (
+            replicate_model(self.model, self.device) if self.world_size > 1 and not fsdp else self.model
         )
-        self.forward_model = self._compiled_model() if config.compile else self.model
+        self.optimizer = self._build_optimizer(param_groups_fn or param_groups)
+        sampler_seed = derive_seed(config.seed, _SAMPLER_STREAM, self.rank)
+        self.sampler = RandomWindowSampler(
+            self.train_tokens,
+            config.batch_size,
+            self.context_length,
+            torch.Generator().manual_seed(sampler_seed),
+            device=self.device,
+        )
+        self.forward_model = self._compiled_model(train_model) if config.compile else train_model
 
         self.step = 0
         self.nonfinite_streak = 0  # steps in a row, up to the last checked one, that were skipped
@@ -242,10 +293,13 @@ class Trainer:
         """Run the training loop to `max_steps` (or `stop_after`).
 
         Returns:
-            The summary also written to `out_dir/summary.json`: best validation loss/ppl per
-            protocol and their steps, the final evaluation, parameter count, times, and training
-            throughput over the whole run (`tokens_per_s_mean`, compilation included) and from
-            this call's first training record on (`tokens_per_s_steady`), and `skipped_steps`.
+            The summary also written to `out_dir/summary.json` (by rank 0): best validation
+            loss/ppl per protocol and their steps, the final evaluation, parameter count, times,
+            the global batch (`world_size`, `global_batch_size` windows, `tokens_per_step`),
+            training throughput over all ranks for the whole run (`tokens_per_s_mean`,
+            compilation included) and from this call's first training record on
+            (`tokens_per_s_steady`), per GPU beside them when several ranks train, and
+            `skipped_steps`.
 
         Raises:
             RunOutputError: `out_dir` cannot be created or written or has too little free disk
@@ -255,13 +309,15 @@ class Trainer:
                 loss or gradients.
         """
         config = self.config
-        self._prepare_out_dir()
         metrics_path = self.out_dir / METRICS_FILE
+        if self.is_main:
+            self._prepare_out_dir()
+            if self.resumed:
+                truncate_metrics(metrics_path, self.step)
         if self.resumed:
-            truncate_metrics(metrics_path, self.step)
             restore_rng_states(self._saved_rng, self.device)
         else:
-            seed_global_rngs(derive_seed(config.seed, _GLOBAL_RNG_STREAM))
+            seed_global_rngs(derive_seed(config.seed, _GLOBAL_RNG_STREAM, self.rank))
         last_step = (
             config.max_steps if self.stop_after is None else min(config.max_steps, self.stop_after)
         )
@@ -272,7 +328,11 @@ class Trainer:
         self._last_log = (self.step, self.train_time_s)
         self._first_log = None
         with (
-            MetricsLog(metrics_path, fresh=not self.resumed) as log,
+            (
+                MetricsLog(metrics_path, fresh=not self.resumed)
+                if self.is_main
+                else contextlib.nullcontext()
+            ) as log,
             tqdm(
                 total=config.max_steps,
                 initial=self.step,
@@ -311,10 +371,12 @@ class Trainer:
             if self._last_saved_step != self.step:
                 self._save_last()
         summary = self._summary()
-        try:
-            write_summary(self.out_dir / SUMMARY_FILE, summary)
-        except OSError as error:
-            raise self._write_error(self.out_dir / SUMMARY_FILE, error) from error
+        if self.is_main:
+            try:
+                write_summary(self.out_dir / SUMMARY_FILE, summary)
+            except OSError as error:
+                raise self._write_error(self.out_dir / SUMMARY_FILE, error) from error
+        wait_for_ranks()  # no rank returns before rank 0's files are whole (a resume reads them)
         return summary
 
     def train_step(self) -> StepResult:
@@ -325,6 +387,9 @@ class Trainer:
         `linmix bench train --profile-steps` does) it only updates the model, the optimizer and the
         sampler. Nothing is read back from the device (except the skip flag on non-fused
         optimizers, off CUDA).
+
+        Under a process group every rank must call it: the loss is the mean over the ranks and
+        the flags are raised on every rank when they are on any.
 
         Returns:
             The loss, gradient norm, learning rate and non-finite flags of the step.
@@ -346,8 +411,13 @@ class Trainer:
             raise ValueError("the model returned no loss although targets were given")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        grad_norm = full_tensor(grad_norm)  # FSDP2's norm is a replicated DTensor
         loss = loss.detach()
         nonfinite = ~torch.isfinite(torch.stack([loss.float(), grad_norm.float()]))  # [2]
+        if self.world_size > 1:
+            summed = sum_over_ranks(torch.cat([loss.float().view(1), nonfinite.float()]))  # [3]
+            loss = summed[0] / self.world_size
+            nonfinite = summed[1:] > 0
         step_if_finite(self.optimizer, nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, grad_norm, lr, nonfinite)
@@ -411,6 +481,7 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": grad_norm_value,
             "tokens_per_s": tokens_per_s,
+            **self._per_gpu("tokens_per_s", tokens_per_s),
             "elapsed_s": self._elapsed_s(),
         }
         self._emit(log, record)
@@ -418,7 +489,8 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLog, bar: tqdm) -> None:
         config, plan = self.config, self.eval_plan
-        record: dict[str, Any] = {"step": self.step, "kind": "eval"}
+        record: dict[str, Any] = {"step": self.step, "kind": "eval", "ppl_unit": self.token_unit}
+        spread = self.world_size > 1
         results = {}
         for protocol in config.eval_protocols:
             started = time.perf_counter()
@@ -429,14 +501,14 @@ class Trainer:
             if protocol == "full":
                 results[protocol] = evaluate_full(
                     self.forward_model, self.val_tokens, self.context_length, config.eval_batch_size,
-                    self.device, windows=plan.full_windows, on_batch=show,
+                    self.device, windows=plan.full_windows, on_batch=show, spread=spread,
                 )
                 record["val_tokens_full"] = results[protocol]["tokens"]
             else:
                 results[protocol] = evaluate_random(
                     self.forward_model, self.val_tokens, self.context_length, plan.random_batch_size,
                     plan.random_batches, torch.Generator().manual_seed(config.eval_seed), self.device,
-                    on_batch=show,
+                    on_batch=show, spread=spread,
                 )
             record[f"val_windows_{protocol}"] = plan.windows(protocol)
             record.setdefault("eval_s", {})[protocol] = time.perf_counter() - started
@@ -461,7 +533,9 @@ class Trainer:
         self.last_eval = to_jsonable(record)
         self._emit(log, record)
         if self.progress:
-            scores = ", ".join(f"{p} ppl {r['ppl']:.4f}" for p, r in results.items())
+            scores = ", ".join(
+                f"{p} ppl per {self.token_unit} {r['ppl']:.4f}" for p, r in results.items()
+            )
             bar.write(
                 f"step {self.step}: val {scores} (best {selected['ppl']:.4f} at {selected['step']})"
             )
@@ -470,18 +544,26 @@ class Trainer:
         if not hasattr(self.model, "diagnostics"):
             return {}
         with torch.no_grad():
-            diagnostics = to_jsonable(self.model.diagnostics())
+            diagnostics = {
+                name: full_tensor(value) if isinstance(value, torch.Tensor) else value
+                for name, value in self.model.diagnostics().items()
+            }
+            diagnostics = to_jsonable(diagnostics)
         clashes = sorted(set(diagnostics) & set(record))
         if clashes:
             raise ValueError(f"model.diagnostics() returned reserved metric names: {clashes}")
         return diagnostics
 
     def _save_best(self, result: dict[str, float]) -> None:
+        """Write best.pt; every rank calls it (FSDP2 gathers the weights), rank 0 writes."""
+        model_state = full_model_state(self.model, self.fsdp)
+        if not self.is_main:
+            return
         self._write_checkpoint(
             BEST_CHECKPOINT,
             {
                 "kind": "best",
-                "model": self.model.state_dict(),
+                "model": model_state,
                 "step": self.step,
                 "metric": {
                     "protocol": self.config.selection_protocol,
@@ -495,29 +577,39 @@ class Trainer:
         )
 
     def _save_last(self) -> None:
+        """Write last.pt; every rank calls it (its sampler and RNG states are gathered, and
+        FSDP2's shards), rank 0 writes."""
         self.wall_time_s = self._elapsed_s()
-        self._write_checkpoint(
-            LAST_CHECKPOINT,
-            {
-                "kind": "last",
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "sampler": self.sampler.state_dict(),
-                "rng": capture_rng_states(self.device),
-                "progress": {
-                    "best": self.best,
-                    "last_eval": self.last_eval,
-                    "train_time_s": self.train_time_s,
-                    "wall_time_s": self.wall_time_s,
-                    "nonfinite_streak": self.nonfinite_streak,
-                    "skipped_steps": self.skipped_steps,
-                },
-                "config": self.config.to_dict(),
-                "model_config": model_config_dict(self.model),
-                "meta": self.checkpoint_meta,
-            },
+        model_state = full_model_state(self.model, self.fsdp)
+        optimizer_state = full_optimizer_state(self.model, self.optimizer, self.fsdp)
+        rank_states = gather_from_ranks(
+            {"sampler": self.sampler.state_dict(), "rng": capture_rng_states(self.device)}
         )
+        if self.is_main:
+            self._write_checkpoint(
+                LAST_CHECKPOINT,
+                {
+                    "kind": "last",
+                    "model": model_state,
+                    "optimizer": optimizer_state,
+                    "step": self.step,
+                    "sampler": rank_states[0]["sampler"],
+                    "rng": rank_states[0]["rng"],
+                    "parallel": {"world_size": self.world_size, "fsdp": self.fsdp},
+                    **({"ranks": rank_states} if self.world_size > 1 else {}),
+                    "progress": {
+                        "best": self.best,
+                        "last_eval": self.last_eval,
+                        "train_time_s": self.train_time_s,
+                        "wall_time_s": self.wall_time_s,
+                        "nonfinite_streak": self.nonfinite_streak,
+                        "skipped_steps": self.skipped_steps,
+                    },
+                    "config": self.config.to_dict(),
+                    "model_config": model_config_dict(self.model),
+                    "meta": self.checkpoint_meta,
+                },
+            )
         self._last_saved_step = self.step
 
     def _write_checkpoint(self, name: str, checkpoint: dict[str, Any]) -> None:
@@ -559,13 +651,22 @@ class Trainer:
                 if (saved_model_config or {}).get(key) != (current_model_config or {}).get(key)
             )
             differences.append(f"model config field(s) {', '.join(keys)}")
+        parallel = checkpoint.get("parallel", {"world_size": 1, "fsdp": False})  # absent: older, 1 process
+        if parallel["world_size"] != self.world_size:
+            differences.append(
+                f"world size (processes): {parallel['world_size']} -> {self.world_size}"
+            )
+        if parallel["fsdp"] != self.fsdp:
+            differences.append(f"fsdp: {parallel['fsdp']} -> {self.fsdp}")
         if differences:
             raise ValueError(
                 f"cannot resume {path}: the run would change in " + "; ".join(differences)
             )
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.sampler.load_state_dict(checkpoint["sampler"])
+        load_full_state(
+            self.model, self.optimizer, checkpoint["model"], checkpoint["optimizer"], self.fsdp
+        )
+        own = checkpoint["ranks"][self.rank] if self.world_size > 1 else checkpoint
+        self.sampler.load_state_dict(own["sampler"])
         self.step = checkpoint["step"]
         progress = checkpoint["progress"]
         self.best = progress["best"]
@@ -574,13 +675,15 @@ class Trainer:
         self.wall_time_s = progress["wall_time_s"]
         self.nonfinite_streak = progress.get("nonfinite_streak", 0)  # absent before format 2
         self.skipped_steps = progress.get("skipped_steps", 0)
-        self._saved_rng = checkpoint["rng"]
+        self._saved_rng = own["rng"]
         self._last_saved_step = self.step
         self.resumed = True
 
     def _summary(self) -> dict[str, Any]:
         config = self.config
         selected = self.best[config.selection_protocol]
+        mean = self._tokens_per_s_since(0, 0.0)
+        steady = self._tokens_per_s_since(*self._first_log) if self._first_log else None
         final = {}
         for protocol in config.eval_protocols:
             final[f"final_val_loss_{protocol}"] = self.last_eval[f"val_loss_{protocol}"]
@@ -597,23 +700,38 @@ class Trainer:
             "best": self.best,
             "final_eval_step": self.last_eval["step"],
             **final,
+            "ppl_unit": self.token_unit,
+            "world_size": self.world_size,
+            "global_batch_size": self.global_batch_size,
+            "tokens_per_step": self.tokens_per_step,
             "tokens_seen": self.step * self.tokens_per_step,
             "skipped_steps": self.skipped_steps,
-            "tokens_per_s_mean": self._tokens_per_s_since(0, 0.0),
-            "tokens_per_s_steady": (
-                self._tokens_per_s_since(*self._first_log) if self._first_log else None
-            ),
+            "tokens_per_s_mean": mean,
+            **self._per_gpu("tokens_per_s_mean", mean),
+            "tokens_per_s_steady": steady,
+            **self._per_gpu("tokens_per_s_steady", steady),
             "train_time_s": self.train_time_s,
             "wall_time_s": self._elapsed_s(),
             "config": config.to_dict(),
         }
 
     def _tokens_per_s_since(self, step: int, train_time_s: float) -> float | None:
-        """Training throughput from a (step, train_time_s) point to now; None over no time."""
+        """Training throughput over all ranks from a (step, train_time_s) point to now; None over
+        no time."""
         seconds = self.train_time_s - train_time_s
         return (self.step - step) * self.tokens_per_step / seconds if seconds > 0 else None
 
-    def _emit(self, log: MetricsLog, record: dict[str, Any]) -> None:
+    def _per_gpu(self, name: str, tokens_per_s: float | None) -> dict[str, float | None]:
+        """`{name + "_per_gpu": tokens_per_s / world_size}` when several ranks train, else `{}`."""
+        if self.world_size == 1:
+            return {}
+        per_gpu = None if tokens_per_s is None else tokens_per_s / self.world_size
+        return {f"{name}_per_gpu": per_gpu}
+
+    def _emit(self, log: MetricsLog | None, record: dict[str, Any]) -> None:
+        """Write a record to metrics.jsonl and pass it to the callbacks (rank 0 only)."""
+        if not self.is_main:
+            return
         try:
             log.write(record)
         except OSError as error:
@@ -696,10 +814,10 @@ class Trainer:
             )
         return tokens.long().cpu()
 
-    def _compiled_model(self) -> Callable:
-        """The model through torch.compile in the config's `compile_mode`."""
+    def _compiled_model(self, model: torch.nn.Module) -> Callable:
+        """`model` through torch.compile in the config's `compile_mode`."""
         mode = self.config.compile_mode
-        return torch.compile(self.model, mode=None if mode == "default" else mode)
+        return torch.compile(model, mode=None if mode == "default" else mode)
 
     def _build_optimizer(self, param_groups_fn: ParamGroupsFn) -> torch.optim.Optimizer:
         groups = param_groups_fn(self.model, self.config.optimizer_mode, self.config.weight_decay)
