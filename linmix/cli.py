@@ -1,4 +1,4 @@
-"""The `linmix` command: train, eval, sample, sweep, plot, bench, synth and presets.
+"""The `linmix` command: train, eval, sample, export, sweep, plot, bench, synth and presets.
 
 Run `linmix COMMAND --help` for the flags of each command. A user error (an unknown name, a value
 out of range, a missing or damaged file) prints one line, `linmix COMMAND: error: ...`, and exits
@@ -98,25 +98,39 @@ def _csv(kind):
     return parse
 
 
-def _load_corpus(preset, data_path: str | None):
-    from linmix.data import load_char_corpus
-
-    if preset.corpus != "tinyshakespeare-char":
-        raise UsageError(
-            f"preset {preset.name!r} trains on {preset.corpus!r}, which `linmix train` cannot load in this "
-            "version (only the Tiny Shakespeare character corpus is supported)"
-        )
-    return _load_char_corpus(data_path)
-
-
-def _load_char_corpus(data_path: str | None):
-    """Tiny Shakespeare from --data (or the search path); a missing file is a UsageError."""
-    from linmix.data import load_char_corpus
+def _load_corpus(name: str, data_path: str | None, **options):
+    """`linmix.data.load_corpus` with a missing file or a misfit tokenizer as a one-line UsageError."""
+    from linmix.data import load_corpus
 
     try:
-        return load_char_corpus(data_path)
+        return load_corpus(name, data_path, **options)
     except FileNotFoundError as error:
         raise UsageError(f"--data {data_path}: {error}" if data_path else str(error)) from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _train_corpus(preset, args):
+    """The corpus of `linmix train`: the preset's, or the text folder of --data (see `choose_corpus`)."""
+    from linmix.data import choose_corpus
+
+    try:
+        name, tokenizer = choose_corpus(preset.corpus, args.data, args.tokenizer)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.vocab_size is not None and tokenizer != "sentencepiece":
+        raise UsageError(f"--vocab-size sets the pieces of a sentencepiece tokenizer; {name} uses {tokenizer}")
+    return _load_corpus(name, args.data, tokenizer=tokenizer, vocab_size=args.vocab_size)
+
+
+def _check_head_fits(preset, vocab_size: int) -> None:
+    """An adaptive head's cutoffs must lie below the tokenizer's vocabulary size."""
+    cutoffs = preset.model.get("adaptive_cutoffs", ())
+    if preset.model.get("head") == "adaptive" and max(cutoffs, default=0) >= vocab_size:
+        raise UsageError(
+            f"the adaptive head's cutoffs {list(cutoffs)} must be < the tokenizer's {vocab_size} ids; "
+            f"lower them with --set adaptive_cutoffs=[...] or ask for more pieces with --vocab-size"
+        )
 
 
 def cmd_presets(args) -> int:
@@ -184,11 +198,12 @@ def _train_config(args, preset, out_dir: Path):
 
 
 def cmd_train(args) -> int:
-    """Train a preset; print the best validation perplexity."""
-    import torch
+    """Train a preset, as one process or as every rank of a torchrun launch; print the best validation
+    perplexity (rank 0)."""
+    import dataclasses
 
-    from linmix.models import get_preset, model_spec, with_overrides
-    from linmix.train import Trainer
+    from linmix.models import get_preset, with_overrides
+    from linmix.train import distributed_context, rank_zero_first
 
     try:
         preset = get_preset(args.preset)
@@ -202,27 +217,63 @@ def cmd_train(args) -> int:
         config = _train_config(args, preset, out_dir)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    corpus = _load_corpus(preset, args.data)
+    with distributed_context(config.device, fsdp=args.fsdp) as (rank, world_size, device):
+        config = dataclasses.replace(config, device=device)  # cuda:LOCAL_RANK under torchrun
+        with rank_zero_first():  # rank 0 trains and caches the tokenizer, then the other ranks read it
+            corpus = _train_corpus(preset, args)
+        trainer = _build_trainer(preset, corpus, config, args, announce=rank == 0)
+        if rank == 0:
+            print(f"global batch {trainer.global_batch_size:,} windows = {world_size} process(es) x "
+                  f"{config.batch_size} ({trainer.tokens_per_step:,} {corpus.unit}s per step"
+                  f"{', FSDP2' if args.fsdp else ''})")
+        summary = trainer.fit()
+    if rank == 0:
+        _print_train_summary(summary, corpus.unit, world_size)
+    return 0
+
+
+def _build_trainer(preset, corpus, config, args, announce: bool):
+    """The preset's model (the same weights on every rank) and its Trainer; `announce` prints the corpus
+    and the model."""
+    import torch
+
+    from linmix.models import model_spec
+    from linmix.train import Trainer
+
+    _check_head_fits(preset, corpus.vocab_size)
     torch.manual_seed(config.seed)
     try:
         model = preset.build_model(vocab_size=corpus.vocab_size)
     except ValueError as error:
         raise UsageError(f"--set: {error}") from None
-    meta = {"preset": preset.name, "model": model_spec(model), "vocab": corpus.vocab}
-    print(f"preset {preset.name}: {model.num_parameters():,} parameters, device {config.device}, out {out_dir}")
+    meta = {"preset": preset.name, "model": model_spec(model), "tokenizer": corpus.tokenizer.to_meta(),
+            "corpus": corpus.to_meta(), "ppl_unit": corpus.unit}
+    if corpus.tokenizer.kind == "char":
+        meta["vocab"] = corpus.tokenizer.vocab
+    if announce:
+        counts = ", ".join(f"{split} {count:,}" for split, count in corpus.token_counts.items())
+        print(f"corpus {corpus.name} at {corpus.source}: {corpus.vocab_size:,} {corpus.unit} ids; "
+              f"{corpus.unit}s: {counts}")
+        print(f"preset {preset.name}: {model.num_parameters():,} parameters, device {config.device}, "
+              f"out {config.out_dir}")
     try:
-        trainer = Trainer(model, corpus.train, corpus.val, config, checkpoint_meta=meta, resume=args.resume,
-                          stop_after=args.stop_after, progress=not args.no_progress)
+        return Trainer(model, corpus.train, corpus.val, config, checkpoint_meta=meta, resume=args.resume,
+                       stop_after=args.stop_after, progress=not args.no_progress, token_unit=corpus.unit,
+                       fsdp=args.fsdp)
     except (FileExistsError, ValueError) as error:
         raise UsageError(str(error)) from None
-    summary = trainer.fit()
+
+
+def _print_train_summary(summary: dict, unit: str, world_size: int) -> None:
     protocols = ", ".join(
         f"{name}: {best['ppl']:.4f} (step {best['step']})" for name, best in summary["best"].items()
     )
-    print(f"best val PPL  {protocols}")
+    print(f"best val PPL per {unit}  {protocols}")
     speed = summary.get("tokens_per_s_steady") or summary.get("tokens_per_s_mean")
-    print(f"tokens/s {speed or 0:.0f}   train time {summary['train_time_s']:.1f} s   steps {summary['step']}")
-    return 0
+    per_gpu = summary.get("tokens_per_s_steady_per_gpu") or summary.get("tokens_per_s_mean_per_gpu")
+    per_gpu_text = f" ({per_gpu or 0:.0f} per process)" if world_size > 1 else ""
+    print(f"tokens/s {speed or 0:.0f}{per_gpu_text}   train time {summary['train_time_s']:.1f} s   "
+          f"steps {summary['step']}")
 
 
 def _load_model(ckpt_path: str, device: str):
@@ -234,7 +285,7 @@ def _load_model(ckpt_path: str, device: str):
     path = Path(ckpt_path)
     checkpoint = load_checkpoint(path, map_location="cpu")  # CheckpointError names the file and the fault
     meta = checkpoint.get("meta", {})
-    if "model" not in meta or "vocab" not in meta:
+    if "model" not in meta or not ("tokenizer" in meta or "vocab" in meta):
         raise UsageError(f"--ckpt {path} was not written by `linmix train` (no model description in its meta)")
     try:
         model = build_from_spec(meta["model"])
@@ -271,14 +322,17 @@ def cmd_eval(args) -> int:
     _check_device(args.device)
     model, checkpoint, meta = _load_model(args.ckpt, args.device)
     settings = _eval_settings(args, checkpoint)
-    corpus = _load_char_corpus(args.data)
-    if corpus.vocab != meta.get("vocab"):
-        raise UsageError(f"the corpus at {corpus.source} has another vocabulary than the checkpoint")
+    tokenizer = _checkpoint_tokenizer(args.ckpt, meta)
+    corpus_meta = meta.get("corpus", {})
+    recorded = corpus_meta.get("source") if Path(corpus_meta.get("source", "")).exists() else None
+    corpus = _load_corpus(corpus_meta.get("name", "tinyshakespeare-char"), args.data or recorded,
+                          tokenizer=tokenizer, need_train=False)
     window, batch = int(model.config.context_length), settings["batch_size"]
     batches = {"full": -(-count_eval_windows(len(corpus.val), window) // batch), "random": settings["random_iters"]}
     cost = ", ".join(f"{p} {batches[p]:,} batches of up to {batch} x {window} tokens" for p in settings["protocols"])
     print(f"evaluating {args.ckpt} (step {checkpoint.get('step')}): {cost}", file=sys.stderr)
-    results = {"ckpt": str(args.ckpt), "step": checkpoint.get("step"), "params": model.num_parameters()}
+    results = {"ckpt": str(args.ckpt), "step": checkpoint.get("step"), "params": model.num_parameters(),
+               "corpus": corpus.name, "ppl_unit": corpus.unit, "val_tokens": len(corpus.val)}
     for protocol in settings["protocols"]:
         with tqdm(total=batches[protocol], desc=f"eval {protocol}", unit="batch", disable=args.no_progress) as bar:
             def advance(done: int, total: int) -> None:
@@ -304,16 +358,29 @@ def cmd_sample(args) -> int:
 
     _check_device(args.device)
     model, _, meta = _load_model(args.ckpt, args.device)
-    vocab = meta["vocab"]
-    index = {char: i for i, char in enumerate(vocab)}
-    unknown = sorted(set(args.prompt) - index.keys())
-    if not args.prompt or unknown:
-        raise UsageError(f"--prompt must be non-empty and use the model's characters; unknown: {unknown}")
-    prompt = torch.tensor([[index[c] for c in args.prompt]], device=args.device)
+    tokenizer = _checkpoint_tokenizer(args.ckpt, meta)
+    prompt_text = args.prompt if args.prompt is not None else ("\n" if tokenizer.kind == "char" else "The")
+    try:
+        prompt_ids = tokenizer.encode(prompt_text)
+    except ValueError as error:
+        raise UsageError(f"--prompt must use the model's characters: {error}") from None
+    if not prompt_ids:
+        raise UsageError(f"--prompt {prompt_text!r} encodes to no tokens; give some text")
+    prompt = torch.tensor([prompt_ids], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
-    print("".join(vocab[i] for i in out[0].tolist()))
+    print(tokenizer.decode(out[0]))
     return 0
+
+
+def _checkpoint_tokenizer(ckpt_path: str, meta: dict):
+    """The tokenizer stored in a checkpoint's meta (or its characters, in older checkpoints)."""
+    from linmix.data import tokenizer_from_meta
+
+    try:
+        return tokenizer_from_meta(meta)
+    except ValueError as error:
+        raise UsageError(f"--ckpt {ckpt_path}: {error}") from None
 
 
 def cmd_sweep(args) -> int:
@@ -502,11 +569,21 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
     train.add_argument("--preset", required=True, help="preset name (see `linmix presets`; required)")
     train.add_argument("--out", help="run folder (default: runs/PRESET-seedS)")
     train.add_argument("--data", metavar="PATH",
-                       help="corpus file or folder (default: $LINMIX_DATA_DIR, else the download cache)")
+                       help="corpus file or folder (default: $LINMIX_DATA_DIR, else the download cache); a folder "
+                            "of train.txt and valid.txt (optionally test.txt) trains any preset on that text")
+    train.add_argument("--tokenizer", choices=["char", "sentencepiece"],
+                       help="tokenizer of a --data text folder: characters, or a SentencePiece unigram model "
+                            "trained on train.txt and cached beside it (default: the preset's corpus's: char for "
+                            "character presets, sentencepiece for subword ones)")
+    train.add_argument("--vocab-size", type=_int_at_least(2), metavar="N",
+                       help="pieces of the sentencepiece tokenizer; the model's vocabulary follows the pieces "
+                            "actually trained (default: 8192)")
     train.add_argument("--device", help=f"cpu, cuda or cuda:N ({FROM_PRESET}: cpu)")
     train.add_argument("--seed", type=_int_at_least(0), help=f"seed of the batches and the weights ({FROM_PRESET})")
     train.add_argument("--max-steps", type=_int_at_least(1), help=f"optimizer steps in the whole run ({FROM_PRESET})")
-    train.add_argument("--batch-size", type=_int_at_least(1), help=f"windows per step ({FROM_PRESET})")
+    train.add_argument("--batch-size", type=_int_at_least(1),
+                       help=f"windows per step on each process; under torchrun the global batch is N processes x "
+                            f"this ({FROM_PRESET})")
     train.add_argument("--context-length", type=_int_at_least(1), metavar="T",
                        help="training window T (default: the model's context length)")
     train.add_argument("--lr", type=_float_at_least(0.0), help=f"peak learning rate ({FROM_PRESET})")
@@ -528,6 +605,9 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
                        help="a step with a non-finite loss or gradients is skipped; stop after N of them in a row "
                             f"({FROM_PRESET}: 8)")
     _add_compile_flags(train, FROM_PRESET)
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun, shard the model, gradients and optimizer state over the processes with "
+                            "FSDP2 instead of replicating the model with DDP (default: DDP; see docs/DISTRIBUTED.md)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--stop-after", type=_int_at_least(0), metavar="N",
                        help="stop after step N, to resume later (default: run to --max-steps)")
@@ -549,7 +629,8 @@ def _add_checkpoint_parsers(sub) -> None:
     )
     evaluate.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/NAME/best.pt (required)")
     evaluate.add_argument("--data", metavar="PATH",
-                          help="corpus file or folder (default: $LINMIX_DATA_DIR, else the download cache)")
+                          help="corpus file or folder; the checkpoint's tokenizer encodes it (default: the folder "
+                               "the run trained on, else $LINMIX_DATA_DIR, else the download cache)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), help="windows per batch (default: the run's, 64)")
     evaluate.add_argument("--protocols", type=_csv(str), metavar="LIST",
@@ -562,8 +643,11 @@ def _add_checkpoint_parsers(sub) -> None:
 
     sample = sub.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/NAME/best.pt (required)")
-    sample.add_argument("--prompt", default="\n", help="text to continue, in the model's characters (default: a newline)")
-    sample.add_argument("--tokens", type=_int_at_least(1), default=500, help="characters to generate (default: 500)")
+    sample.add_argument("--prompt", help="text to continue, encoded by the checkpoint's tokenizer (any text for "
+                                         "sentencepiece, the model's characters for char; default: a newline "
+                                         "for char models, \"The\" for sentencepiece ones)")
+    sample.add_argument("--tokens", type=_int_at_least(1), default=500,
+                        help="tokens (characters or pieces) to generate (default: 500)")
     sample.add_argument("--temperature", type=_float_at_least(0.0), default=0.8,
                         help="softmax temperature, 0 for the most likely token (default: 0.8)")
     sample.add_argument("--top-k", type=_int_at_least(1), help="sample among the k likeliest tokens (default: all)")
@@ -583,9 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = _add_train_parser(sub)
     _add_checkpoint_parsers(sub)
 
+    from linmix.hf.export import add_export_parser
     from linmix.tasks.command import add_synth_parser
 
     add_synth_parser(sub)
+    add_export_parser(sub)
 
     from linmix.sweep import PassThroughFlag
 

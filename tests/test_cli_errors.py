@@ -89,7 +89,12 @@ CASES = [
     ("out_is_a_file", _train("--out", "{A_FILE}"), "metrics.jsonl"),
     ("out_not_writable", _train("--out", "/proc/linmix_run"), "/proc/linmix_run"),
     ("run_exists", _train("--out", "{RUN}"), "--resume"),
-    ("wikitext_preset", ["train", "--preset", "kops-wt2-v2"], "wikitext2"),
+    ("wikitext_preset", ["train", "--preset", "kops-wt2-v2", "--data", "{TMP}"],
+     "WikiText-2 needs train.txt (or wiki.train.tokens) and valid.txt (or wiki.valid.tokens)"),
+    ("tokenizer_without_text_folder", _train("--tokenizer", "sentencepiece", "--out", "{TMP}/t"),
+     "--data must be a folder holding train.txt"),
+    ("vocab_size_with_char", _train("--vocab-size", "64", "--out", "{TMP}/v"), "--vocab-size"),
+    ("vocab_size_one", _train("--vocab-size", "1"), "--vocab-size"),
     *[(f"resume_{d.lower()}", _train("--resume", "--out", f"{{RESUME_{d}}}"), "last.pt") for d in DAMAGE],
     # eval
     *[(f"eval_{d.lower()}", ["eval", "--ckpt", f"{{{d}}}"], f"{d.lower()}.pt") for d in DAMAGE],

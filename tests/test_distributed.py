@@ -6,8 +6,11 @@ then resumed. Rank 1 alone sees a NaN loss at step POISONED_STEP. Each rank save
 `rank{R}.pt`; the tests compare it with one-process runs.
 """
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -304,3 +307,23 @@ def test_one_process_resume_of_an_older_last_pt_still_counts_as_one_process(corp
     torch.save(last, tmp_path / "last.pt")  # format 1: a bare torch.save archive, as older linmix wrote
     assert make_trainer(corpus, config, resume=True).fit()["step"] == 4
 
+
+def test_torchrun_trains_a_preset_through_the_command_line(tmp_path):
+    """`torchrun --nproc_per_node 2 -m linmix train` on the CPU: rank 0 alone prints and writes the run, whose
+    summary counts both processes; `linmix eval` of its best.pt reproduces the run's best loss."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD_SIZE),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "linmix", "train",
+               "--preset", "kops-ts-v2", "--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4",
+               "--set", "context_length=32", "--batch-size", str(BATCH_PER_RANK), "--max-steps", "6",
+               "--warmup-steps", "2", "--eval-interval", "3", "--eval-batch-size", "256", "--eval-protocols", "full",
+               "--eval-budget", "none", "--no-progress", "--out", str(run)]
+    env = {**os.environ, "LINMIX_DATA_DIR": str(SHARED_DATA_DIR), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("best val PPL per char") == 1
+    assert f"global batch {WORLD_SIZE * BATCH_PER_RANK} windows = {WORLD_SIZE} process(es)" in done.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == WORLD_SIZE and summary["global_batch_size"] == WORLD_SIZE * BATCH_PER_RANK
+    assert summary["step"] == 6 and summary["ppl_unit"] == "char"
+    assert load_checkpoint(run / "last.pt")["parallel"] == {"world_size": WORLD_SIZE, "fsdp": False}
