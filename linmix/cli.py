@@ -406,7 +406,7 @@ def cmd_sweep(args) -> int:
             raise UsageError(str(error)) from error
     try:
         summary = summarize_sweep(out_dir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # ValueError: runs of different PPL units
         raise UsageError(str(error)) from error
     print(f"wrote {out_dir / 'summary.json'} and {out_dir / 'summary.md'}")
     for line in aggregate_lines(summary):

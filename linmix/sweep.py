@@ -4,7 +4,8 @@ A sweep folder holds one run folder per seed, `seed-S/`, each with the run's tra
 start with `--resume`, so a sweep that was killed (or cut into slices with `--stop-after`) is
 continued by running the same command again; runs whose summary says they finished are skipped.
 The summary (summary.json and summary.md in the sweep folder) gives the best validation
-perplexity of every seed and its mean, sample std, min and max over the finished runs.
+perplexity of every seed and its mean, sample std, min and max over the finished runs, per the unit
+the runs state ("char", "piece"); runs written before units were recorded are reported without one.
 """
 
 from __future__ import annotations
@@ -122,6 +123,18 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def ppl_name(unit: str | None) -> str:
+    """How reports name a perplexity: "PPL per piece", or plain "PPL" when the unit is unknown.
+
+    Args:
+        unit: what one token is ("char", "piece"), or None for runs that did not record it.
+
+    Returns:
+        The name.
+    """
+    return f"PPL per {unit}" if unit else "PPL"
+
+
 def _describe_result(folder: Path) -> str:
     summary = read_run_summary(folder)
     if summary is None:
@@ -129,7 +142,7 @@ def _describe_result(folder: Path) -> str:
     scores = ", ".join(f"{protocol} {best['ppl']:.4f} (step {best['step']})"
                        for protocol, best in summary["best"].items())
     state = "finished" if summary.get("finished") else f"unfinished at step {summary['step']}/{summary['max_steps']}"
-    return f"best val PPL {scores}; {state}"
+    return f"best val {ppl_name(summary.get('ppl_unit'))} {scores}; {state}"
 
 
 def _record_sweep(sweep_dir: Path, preset: str, seeds: Sequence[int], train_flags: Sequence[str]) -> None:
@@ -256,6 +269,7 @@ def _run_row(folder: Path) -> dict[str, Any]:
         "step": summary.get("step"),
         "max_steps": summary.get("max_steps"),
         "params": summary.get("params"),
+        "ppl_unit": summary.get("ppl_unit"),
         "best": protocols,
         "final_step": summary.get("final_eval_step"),
         "final": final,
@@ -302,6 +316,32 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def common_unit(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The unit of the runs' perplexities, which every run that reports one must share.
+
+    Runs without a perplexity (no summary, or none evaluated yet) are not looked at; a run that
+    does not state its unit (written by an older version) does not share a stated one.
+
+    Args:
+        rows: per-run rows as in `summarize_sweep`'s "runs".
+
+    Returns:
+        The unit ("char", "piece"), or None when no run states one.
+
+    Raises:
+        ValueError: the runs' units differ; the message names each unit's runs.
+    """
+    by_unit: dict[str | None, list[str]] = {}
+    for row in rows:
+        if row["best"]:
+            by_unit.setdefault(row["ppl_unit"], []).append(row["run"])
+    if len(by_unit) > 1:
+        groups = "; ".join(f"{unit or 'no unit stated'}: {', '.join(runs)}" for unit, runs in by_unit.items())
+        raise ValueError(f"the runs report perplexity per different units, which are not aggregated ({groups}); "
+                         f"keep one corpus's runs per sweep folder")
+    return next(iter(by_unit), None)
+
+
 def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
     """Summarise every `seed-*` run of a sweep folder and write summary.json and summary.md there.
 
@@ -309,17 +349,19 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
         sweep_dir: the sweep folder.
 
     Returns:
-        {"name", "preset", "params", "runs" (one row per run, by seed), "unfinished" (run folder
-        names), "aggregate" (see `aggregate`)}.
+        {"name", "preset", "params", "ppl_unit" (see `common_unit`), "runs" (one row per run, by
+        seed), "unfinished" (run folder names), "aggregate" (see `aggregate`)}.
 
     Raises:
         FileNotFoundError: the folder holds no `seed-*` run folder.
+        ValueError: the runs report perplexity per different units (see `common_unit`).
     """
     sweep_dir = Path(sweep_dir)
     folders = [path for path in sweep_dir.glob("seed-*") if path.is_dir() and _seed_of(path) is not None]
     if not folders:
         raise FileNotFoundError(f"{sweep_dir} holds no seed-* run folder")
     rows = [_run_row(folder) for folder in sorted(folders, key=_seed_of)]
+    unit = common_unit(rows)
     info_path = sweep_dir / SWEEP_INFO
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     params = next((row["params"] for row in rows if row["finished"]), None)
@@ -328,6 +370,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> dict[str, Any]:
         "preset": info.get("preset"),
         "train_flags": info.get("train_flags"),
         "params": params,
+        "ppl_unit": unit,
         "runs": rows,
         "unfinished": [row["run"] for row in rows if not row["finished"]],
         "aggregate": aggregate(rows),
@@ -346,8 +389,8 @@ def _count(value: float | None) -> str:
 
 
 def aggregate_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per protocol, e.g. `kops-ts-v2 (810,189 params): full-pass best val PPL 4.41 ± 0.01
-    (n=5, min 4.40, max 4.43)`.
+    """One line per protocol, e.g. `kops-ts-v2 (810,189 params): full-pass best val PPL per char 4.41
+    ± 0.01 (n=5, min 4.40, max 4.43)`; "per <unit>" is left out when the runs did not state one.
 
     Args:
         summary: as returned by `summarize_sweep`.
@@ -357,11 +400,12 @@ def aggregate_lines(summary: dict[str, Any]) -> list[str]:
     """
     name = summary["preset"] or summary["name"]
     params = f" ({_count(summary['params'])} params)" if summary["params"] is not None else ""
+    ppl = ppl_name(summary.get("ppl_unit"))
     lines = []
     for protocol, stats in summary["aggregate"].items():
         spread = f" ± {stats['ppl_std']:.2f}" if stats["ppl_std"] is not None else ""
         lines.append(
-            f"{name}{params}: {PROTOCOL_NAMES.get(protocol, protocol)} best val PPL {stats['ppl_mean']:.2f}{spread} "
+            f"{name}{params}: {PROTOCOL_NAMES.get(protocol, protocol)} best val {ppl} {stats['ppl_mean']:.2f}{spread} "
             f"(n={stats['n']}, min {stats['ppl_min']:.2f}, max {stats['ppl_max']:.2f})"
         )
     return lines
@@ -377,8 +421,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         The Markdown text.
     """
     protocols = sorted({protocol for row in summary["runs"] for protocol in row["best"]})
+    ppl = ppl_name(summary.get("ppl_unit"))
     header = ["seed", "finished", "step"]
-    header += [f"best {p} PPL (step)" for p in protocols] + [f"final {p} PPL" for p in protocols]
+    header += [f"best {p} {ppl} (step)" for p in protocols] + [f"final {p} {ppl}" for p in protocols]
     header += ["params", "tokens/s", "wall time (s)"]
     lines = [f"# Sweep {summary['name']}", ""]
     if summary["preset"]:

@@ -1,5 +1,6 @@
 """`linmix plot` on tiny real runs: every figure a run has data for is written as a valid PNG,
-and a run without learned-dynamics diagnostics (nanoGPT) only yields the learning curves."""
+and a run without learned-dynamics diagnostics (nanoGPT) only yields the learning curves; the
+learning curves' y label names the perplexity unit when every drawn run states the same one."""
 
 import json
 
@@ -8,6 +9,8 @@ import pytest
 
 from _paths import SHARED_DATA_DIR
 from linmix.cli import main
+from linmix.diagnostics.curves import learning_curves_figure
+from linmix.diagnostics.runs import load_group
 
 TINY = ["--set", "d_model=16", "--set", "n_k2=2", "--set", "rank=4", "--set", "context_length=32",
         "--batch-size", "8", "--max-steps", "6", "--warmup-steps", "2", "--eval-interval", "3",
@@ -59,6 +62,30 @@ def test_every_figure_is_written(runs, tmp_path, capsys):
 def test_run_without_diagnostics_only_has_learning_curves(runs, tmp_path, capsys):
     assert plot(capsys, tmp_path, "--runs", str(runs / "nanogpt")) == {"learning_curves.png"}
     assert_png(tmp_path / "learning_curves.png")
+
+
+def write_evals(folder, unit):
+    """A metrics log of three evaluations, each stating `unit` as its "ppl_unit"."""
+    folder.mkdir()
+    records = [{"step": step, "kind": "eval", "val_ppl_random": ppl, "ppl_unit": unit}
+               for step, ppl in [(0, 900.0), (3, 400.0), (6, 300.0)]]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def y_label(*folders, reference=None):
+    groups = [load_group(folder) for folder in folders]
+    figure = learning_curves_figure(groups, load_group(reference) if reference else None)
+    return figure.axes[0].get_ylabel()
+
+
+def test_learning_curves_label_names_the_unit(runs, tmp_path):
+    write_evals(tmp_path / "wikitext", "piece")
+    write_evals(tmp_path / "wikitext-2", "piece")
+    assert y_label(tmp_path / "wikitext", tmp_path / "wikitext-2") == "validation perplexity per piece (log scale)"
+    assert y_label(runs / "v1", runs / "v2") == "validation perplexity per char (log scale)"
+    assert y_label(runs / "v2", tmp_path / "wikitext") == "validation perplexity (log scale)"
+    assert y_label(runs / "v2", reference=runs / "nanogpt") == "validation perplexity (log scale)"
+    assert y_label(runs / "nanogpt") == "validation perplexity (log scale)"
 
 
 def test_missing_runs_are_a_usage_error(tmp_path, capsys):

@@ -30,6 +30,20 @@ def curve_protocol(group: RunGroup) -> tuple[str, str] | None:
     return next(((name, key) for name, key in PROTOCOL_KEYS if group.has(key)), None)
 
 
+def common_unit(groups: Sequence[RunGroup]) -> str | None:
+    """The perplexity unit that every evaluation record of the groups' runs states.
+
+    Args:
+        groups: the groups drawn.
+
+    Returns:
+        The unit ("char", "piece"), or None when the records state several units or some state
+        none (runs written before units were recorded).
+    """
+    units = {record.get("ppl_unit") for group in groups for run in group.runs for record in run.evals}
+    return units.pop() if len(units) == 1 else None
+
+
 def seed_band(group: RunGroup, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean, min and max of `key` over the group's runs at every evaluated step.
 
@@ -57,7 +71,8 @@ def learning_curves_figure(groups: Sequence[RunGroup], reference: RunGroup | Non
     """Validation perplexity vs step: one colour per group, the reference dashed.
 
     The y range runs from just below the best value to the smaller of the first evaluations'
-    values and 3x the best, on a log scale, so that the low end stays readable.
+    values and 3x the best, on a log scale, so that the low end stays readable. The y label
+    names the perplexity unit when every drawn group's evaluations state the same one.
 
     Args:
         groups: the groups to draw.
@@ -93,7 +108,8 @@ def learning_curves_figure(groups: Sequence[RunGroup], reference: RunGroup | Non
     axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.yaxis.set_minor_locator(NullLocator())
     axes.set_xlabel("step")
-    axes.set_ylabel("validation perplexity (log scale)")
+    unit = common_unit([group for group, _, _ in drawn])
+    axes.set_ylabel(f"validation perplexity{f' per {unit}' if unit else ''} (log scale)")
     axes.grid(True, alpha=0.3)
     axes.legend()
     return figure
