@@ -312,7 +312,7 @@ def _eval_settings(args, checkpoint) -> dict:
 
 
 def cmd_eval(args) -> int:
-    """Evaluate a checkpoint on the validation split; print JSON."""
+    """Evaluate a checkpoint on the validation (or test) split; print JSON."""
     import torch
     from tqdm import tqdm
 
@@ -327,25 +327,31 @@ def cmd_eval(args) -> int:
     recorded = corpus_meta.get("source") if Path(corpus_meta.get("source", "")).exists() else None
     corpus = _load_corpus(corpus_meta.get("name", "tinyshakespeare-char"), args.data or recorded,
                           tokenizer=tokenizer, need_train=False)
+    tokens = corpus.val if args.split == "valid" else corpus.test
+    if tokens is None:
+        raise UsageError(f"--split test: {corpus.name} at {corpus.source} has no test split "
+                         "(test.txt or wiki.test.tokens beside valid)")
+    prefix = "val" if args.split == "valid" else "test"
     window, batch = int(model.config.context_length), settings["batch_size"]
-    batches = {"full": -(-count_eval_windows(len(corpus.val), window) // batch), "random": settings["random_iters"]}
+    batches = {"full": -(-count_eval_windows(len(tokens), window) // batch), "random": settings["random_iters"]}
     cost = ", ".join(f"{p} {batches[p]:,} batches of up to {batch} x {window} tokens" for p in settings["protocols"])
-    print(f"evaluating {args.ckpt} (step {checkpoint.get('step')}): {cost}", file=sys.stderr)
+    print(f"evaluating {args.ckpt} (step {checkpoint.get('step')}) on {args.split}: {cost}", file=sys.stderr)
     results = {"ckpt": str(args.ckpt), "step": checkpoint.get("step"), "params": model.num_parameters(),
-               "corpus": corpus.name, "ppl_unit": corpus.unit, "val_tokens": len(corpus.val)}
+               "corpus": corpus.name, "split": args.split, "ppl_unit": corpus.unit, f"{prefix}_tokens": len(tokens)}
     for protocol in settings["protocols"]:
         with tqdm(total=batches[protocol], desc=f"eval {protocol}", unit="batch", disable=args.no_progress) as bar:
             def advance(done: int, total: int) -> None:
                 bar.update(done - bar.n)
 
             if protocol == "full":
-                full = evaluate_full(model, corpus.val, window, batch, on_batch=advance)
-                results.update(val_loss_full=full["loss"], val_ppl_full=full["ppl"], tokens_full=full["tokens"])
+                full = evaluate_full(model, tokens, window, batch, on_batch=advance)
+                results.update({f"{prefix}_loss_full": full["loss"], f"{prefix}_ppl_full": full["ppl"],
+                                "tokens_full": full["tokens"]})
             else:
                 generator = torch.Generator().manual_seed(settings["seed"])
-                rand = evaluate_random(model, corpus.val, window, batch, settings["random_iters"], generator,
+                rand = evaluate_random(model, tokens, window, batch, settings["random_iters"], generator,
                                        on_batch=advance)
-                results.update(val_loss_random=rand["loss"], val_ppl_random=rand["ppl"])
+                results.update({f"{prefix}_loss_random": rand["loss"], f"{prefix}_ppl_random": rand["ppl"]})
     print(json.dumps(results, indent=2))
     return 0
 
@@ -621,13 +627,16 @@ def _add_train_parser(sub) -> argparse.ArgumentParser:
 
 def _add_checkpoint_parsers(sub) -> None:
     evaluate = sub.add_parser(
-        "eval", help="evaluate a checkpoint on the validation split",
-        description="Evaluate a checkpoint of `linmix train` on the validation split and print JSON. The flags "
+        "eval", help="evaluate a checkpoint on the validation (or test) split",
+        description="Evaluate a checkpoint of `linmix train` on the validation (or --split test) split and print JSON. The flags "
                     "left out take the run's own evaluation settings. Cost: the full protocol reads every "
                     "non-overlapping window once (436 windows of 256 tokens for Tiny Shakespeare), the random one "
                     "--random-iters batches of --batch-size windows (200 x 64 by default: 29 times the full one).",
     )
     evaluate.add_argument("--ckpt", required=True, help="checkpoint file, e.g. runs/NAME/best.pt (required)")
+    evaluate.add_argument("--split", choices=["valid", "test"], default="valid",
+                          help="the split to evaluate; test needs a corpus with a test file, e.g. WikiText-2's "
+                               "(default: valid, the split the run selected its checkpoint on)")
     evaluate.add_argument("--data", metavar="PATH",
                           help="corpus file or folder; the checkpoint's tokenizer encodes it (default: the folder "
                                "the run trained on, else $LINMIX_DATA_DIR, else the download cache)")

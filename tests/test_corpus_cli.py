@@ -50,6 +50,11 @@ def test_wikitext2_pipeline_end_to_end(data_dir, tmp_path, capsys):
     assert result["ppl_unit"] == "piece" and result["val_tokens"] == meta["corpus"]["tokens"]["valid"]
     assert result["val_ppl_full"] == pytest.approx(summary["best"]["full"]["ppl"], rel=1e-5)
     assert summary["ppl_unit"] == "piece"  # the Trainer's token_unit
+    assert main(["eval", "--ckpt", str(run / "best.pt"), "--split", "test", "--protocols", "full",
+                 "--no-progress"]) == 0
+    test = json.loads(capsys.readouterr().out)
+    assert test["split"] == "test" and test["test_tokens"] == meta["corpus"]["tokens"]["test"]
+    assert test["test_ppl_full"] > 1 and "val_ppl_full" not in test
 
     assert main(["sample", "--ckpt", str(run / "best.pt"), "--prompt", "the kaloren café", "--tokens", "12"]) == 0
     text = capsys.readouterr().out
@@ -82,3 +87,16 @@ def test_any_preset_trains_on_a_text_folder(tmp_path, capsys):
         (folder / name).read_text(encoding="utf-8") for name in ("train.txt", "valid.txt", "test.txt"))))
     assert main(["sample", "--ckpt", str(chars / "best.pt"), "--prompt", "the", "--tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_test_split_of_a_corpus_without_one_is_one_line(tmp_path, capsys, monkeypatch):
+    from _paths import SHARED_DATA_DIR
+
+    monkeypatch.setenv("LINMIX_DATA_DIR", str(SHARED_DATA_DIR))
+    run = tmp_path / "run"
+    tiny = ["--set", "d_model=16", "--set", "n_k2=1", "--set", "rank=4", "--set", "context_length=32"]
+    assert main(["train", "--preset", "kops-ts-v2", *tiny, *FEW_STEPS, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run / "best.pt"), "--split", "test", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--split test: tinyshakespeare-char" in err and "has no test split" in err
