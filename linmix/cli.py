@@ -278,20 +278,10 @@ def _print_train_summary(summary: dict, unit: str, world_size: int) -> None:
 
 def _load_model(ckpt_path: str, device: str):
     """The model of a checkpoint written by `linmix train`, on `device` in eval mode, with the
-    checkpoint and its meta; a missing, damaged or foreign file is a one-line error."""
-    from linmix.models import build_from_spec
-    from linmix.train import load_checkpoint
+    checkpoint and its meta; a missing, damaged or foreign file is a one-line error (CheckpointError)."""
+    from linmix.train.checkpoint import load_trained_model
 
-    path = Path(ckpt_path)
-    checkpoint = load_checkpoint(path, map_location="cpu")  # CheckpointError names the file and the fault
-    meta = checkpoint.get("meta", {})
-    if "model" not in meta or not ("tokenizer" in meta or "vocab" in meta):
-        raise UsageError(f"--ckpt {path} was not written by `linmix train` (no model description in its meta)")
-    try:
-        model = build_from_spec(meta["model"])
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise UsageError(f"--ckpt {path}: its weights do not fit its model description ({error})") from None
+    model, checkpoint, meta = load_trained_model(Path(ckpt_path))
     return model.to(device).eval(), checkpoint, meta
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from linmix.data.download import default_cache_dir, download_file
+from linmix.data.tokenizers import CharTokenizer
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -38,10 +39,10 @@ class CharCorpus:
     val: torch.Tensor
     vocab: list[str]
     source: Path
-    _index_of: dict[str, int] = field(init=False, repr=False, compare=False)
+    tokenizer: CharTokenizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._index_of = {char: i for i, char in enumerate(self.vocab)}
+        self.tokenizer = CharTokenizer(self.vocab)
 
     @property
     def vocab_size(self) -> int:
@@ -49,46 +50,12 @@ class CharCorpus:
         return len(self.vocab)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`.
-
-        Args:
-            text: a string made of vocabulary characters.
-
-        Returns:
-            One id per character.
-
-        Raises:
-            ValueError: `text` holds characters outside the vocabulary (they are named).
-        """
-        unknown = sorted(set(text) - self._index_of.keys())
-        if unknown:
-            raise ValueError(
-                f"characters not in the vocabulary of {self.source.name}: "
-                + ", ".join(repr(char) for char in unknown)
-            )
-        return [self._index_of[char] for char in text]
+        """Token ids of `text` (see `CharTokenizer.encode`; unknown characters raise ValueError)."""
+        return self.tokenizer.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text that token ids stand for.
-
-        Args:
-            ids: token ids (ints, or a 1-D integer tensor).
-
-        Returns:
-            The decoded string.
-
-        Raises:
-            ValueError: an id is outside `[0, vocab_size)`.
-        """
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        chars = []
-        for token in ids:
-            token = int(token)
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"token id {token} is outside [0, {self.vocab_size})")
-            chars.append(self.vocab[token])
-        return "".join(chars)
+        """The text that token ids stand for (see `CharTokenizer.decode`)."""
+        return self.tokenizer.decode(ids)
 
 
 def resolve_char_corpus_path(path: str | os.PathLike | None = None) -> Path:

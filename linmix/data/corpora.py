@@ -102,4 +102,4 @@ def _tiny_shakespeare(data_path, tokenizer: str | Tokenizer | None) -> TextCorpu
     if isinstance(tokenizer, CharTokenizer) and tokenizer.vocab != corpus.vocab:
         raise ValueError(f"the corpus at {corpus.source} has another vocabulary than the tokenizer")
     return TextCorpus(name=TINY_SHAKESPEARE_CHAR, train=corpus.train, val=corpus.val, test=None,
-                      tokenizer=CharTokenizer(corpus.vocab), source=corpus.source)
+                      tokenizer=corpus.tokenizer, source=corpus.source)

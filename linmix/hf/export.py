@@ -96,21 +96,15 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, force: bool = 
     from linmix.hf.configuration import LinmixConfig
     from linmix.hf.modeling import LinmixForCausalLM
     from linmix.hf.tokenization import LinmixTokenizer
-    from linmix.models.registry import build_from_spec
-    from linmix.train.checkpoint import load_checkpoint
+    from linmix.train.checkpoint import load_trained_model
 
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     _check_out_dir(out_dir, force)
-    checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-    meta = checkpoint.get("meta", {})
-    if "model" not in meta or not ("tokenizer" in meta or "vocab" in meta):
-        raise CheckpointError(f"{ckpt_path} was not written by `linmix train` (no model or tokenizer in its meta)")
+    linmix_model, checkpoint, meta = load_trained_model(ckpt_path)
     try:
-        linmix_model = build_from_spec(meta["model"])
-        linmix_model.load_state_dict(checkpoint["model"])
         tokenizer = LinmixTokenizer(meta=tokenizer_from_meta(meta).to_meta())
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{ckpt_path}: its weights or tokenizer do not fit its meta ({error})") from None
+    except ValueError as error:
+        raise CheckpointError(f"{ckpt_path}: its tokenizer is damaged ({error})") from None
     model = LinmixForCausalLM(LinmixConfig.from_model(linmix_model))
     model.linmix.load_state_dict(linmix_model.state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -351,3 +351,31 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_trained_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The model of a checkpoint written by `linmix train` (best.pt or last.pt), on the CPU.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        `(model, checkpoint, meta)`: the model with the checkpoint's weights (train mode), the whole
+        checkpoint, and its meta (preset, model spec, tokenizer, corpus).
+
+    Raises:
+        CheckpointError: the file is missing or damaged (see `load_checkpoint`), its meta describes
+            no model or tokenizer (not written by `linmix train`), or its weights do not fit its model.
+    """
+    from linmix.models.registry import build_from_spec
+
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    meta = checkpoint.get("meta", {})
+    if "model" not in meta or not ("tokenizer" in meta or "vocab" in meta):
+        raise CheckpointError(f"{path} was not written by `linmix train` (no model or tokenizer in its meta)")
+    try:
+        model = build_from_spec(meta["model"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its weights do not fit its model description ({error})") from None
+    return model, checkpoint, meta
